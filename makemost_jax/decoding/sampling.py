@@ -1,0 +1,189 @@
+"""Greedy and temperature / top-k / top-p sampling in one jitted `lax.while_loop`.
+
+The pieces are shared with beam search: `prefill` (prompt into a cache sized for
+the whole output, outside the loop) and `decode_step` (one token per row through
+the cache). Prompts are left-padded to a bucketed length so that calls with other
+prompt lengths in the same bucket reuse the compiled loop.
+
+Dimensions: B batch, T prompt length (padded), N new tokens, V vocabulary.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from makemost_jax.models import from_hf_config, init_params
+    >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+    ...                       "n_head": 2, "vocab_size": 10, "n_positions": 64})
+    >>> params = init_params(cfg, jax.random.key(0))
+    >>> result = generate(params, [[1, 2, 3]], max_new_tokens=4)
+    >>> result.tokens.shape
+    (1, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from makemost_jax.errors import ConfigError, InputError
+from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.model import forward
+from makemost_jax.models.types import Params
+
+PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: jax.Array  # (B, N) generated ids; after EOS filled with the pad id
+    lengths: jax.Array  # (B,) generated tokens per row, EOS included
+    logprobs: jax.Array  # (B, N) model log-probability of each generated token (0 after EOS)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int = 0,
+                bucket: int = PROMPT_BUCKET, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to one bucketed length; returns (tokens_BT, mask_BT).
+
+    Example:
+        >>> tokens, mask = pad_prompts([[5, 6], [7]], bucket=4)
+        >>> tokens.tolist(), mask.tolist()
+        ([[0, 0, 5, 6], [0, 0, 0, 7]], [[0, 0, 1, 1], [0, 0, 0, 1]])
+    """
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
+        array = np.asarray(prompts)
+        keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask, bool)
+        rows = [list(r[k]) for r, k in zip(array, keep)]
+    else:
+        rows = [list(r) for r in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise InputError("every prompt needs at least one token; got an empty prompt")
+    length = -(-max(len(r) for r in rows) // bucket) * bucket
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask_out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, length - len(r):] = r
+        mask_out[i, length - len(r):] = 1
+    return tokens, mask_out
+
+
+def prefill(params: Params, prompts_BT, mask_BT, cache_size: int) -> tuple[KVCache, jax.Array]:
+    """Run left-padded prompts into a fresh cache of `cache_size` slots.
+
+    Returns (cache, next-token logits (B, V)).
+
+    Example:
+        >>> # cache, logits_BV = prefill(params, tokens_BT, mask_BT, tokens_BT.shape[1] + 32)
+    """
+    b = prompts_BT.shape[0]
+    cache = init_cache(params.config, b, cache_size, params.dtype)
+    out = forward(params, prompts_BT, cache=cache, mask=mask_BT)
+    return out.cache, out.logits[:, -1]
+
+
+def decode_step(params: Params, cache: KVCache, tokens_B) -> tuple[KVCache, jax.Array]:
+    """Feed one token per row; returns (cache, next-token logits (B, V))."""
+    out = forward(params, tokens_B[:, None], cache=cache)
+    return out.cache, out.logits[:, 0]
+
+
+def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
+    """Keep the top-k tokens and the smallest top-p nucleus; the rest get -inf.
+
+    Example:
+        >>> filter_logits(jnp.array([[0.0, 1.0, 2.0]]), top_k=2).tolist()
+        [[-inf, 1.0, 2.0]]
+    """
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # The cut-off is the smallest logit whose preceding mass is still below top_p.
+        keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k", "top_p", "eos_id",
+                                             "pad_id"))
+def _generate(params, prompts_BT, mask_BT, key, temperature, *, max_new_tokens, greedy, top_k,
+              top_p, eos_id, pad_id):
+    b = prompts_BT.shape[0]
+    cache, logits_BV = prefill(params, prompts_BT, mask_BT, prompts_BT.shape[1] + max_new_tokens)
+    state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits_BV, key=key,
+                 tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                 logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+                 done=jnp.zeros((b,), bool))
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        key, sub = jax.random.split(s["key"])
+        logp_BV = jax.nn.log_softmax(s["logits"], axis=-1)
+        if greedy:
+            token_B = jnp.argmax(s["logits"], axis=-1).astype(jnp.int32)
+        else:
+            scaled = filter_logits(s["logits"] / temperature, top_k, top_p)
+            token_B = jax.random.categorical(sub, scaled, axis=-1).astype(jnp.int32)
+        token_B = jnp.where(s["done"], pad_id, token_B)
+        logp_B = jnp.where(s["done"], 0.0, jnp.take_along_axis(logp_BV, token_B[:, None], 1)[:, 0])
+        done_B = s["done"] if eos_id is None else s["done"] | (token_B == eos_id)
+        cache, logits_BV = decode_step(params, s["cache"], token_B)
+        return dict(step=s["step"] + 1, cache=cache, logits=logits_BV, key=key,
+                    tokens=s["tokens"].at[:, s["step"]].set(token_B),
+                    logprobs=s["logprobs"].at[:, s["step"]].set(logp_B), done=done_B)
+
+    # Rows that finish early hold pad tokens; their lengths count up to and incl. EOS.
+    final = jax.lax.while_loop(cond, body, state)
+    generated_BN = jnp.arange(max_new_tokens)[None] < final["step"]
+    if eos_id is None:
+        lengths_B = jnp.full((b,), final["step"])
+    else:
+        is_eos_BN = (final["tokens"] == eos_id) & generated_BN
+        first_eos_B = jnp.argmax(is_eos_BN, axis=1)
+        lengths_B = jnp.where(is_eos_BN.any(1), first_eos_B + 1, final["step"])
+    return GenerationResult(final["tokens"], lengths_B, final["logprobs"])
+
+
+def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, key=None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, pad_id: int | None = None) -> GenerationResult:
+    """Continue each prompt by up to `max_new_tokens` tokens (greedy when temperature is 0).
+
+    `prompts`: a list of token-id lists, or a (B, T) array (with `mask` for padding).
+    Stops early once every row has produced `eos_id`.
+
+    Example:
+        >>> # tok = mm.load_tokenizer(); ids = [tok.encode("The capital of France is")]
+        >>> # result = generate(params, ids, max_new_tokens=16, eos_id=tok.eos_id)
+        >>> # tok.decode(result.tokens[0, :result.lengths[0]])
+    """
+    cfg = params.config
+    if not cfg.causal:
+        raise ConfigError(f"{cfg.hf_model_type} is an encoder; generation needs a decoder model")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k < 0 or top_k > cfg.vocab_size:
+        raise ConfigError(f"top_k={top_k} must be in [0, {cfg.vocab_size}] (0 disables it)")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+    pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
+    tokens_BT, mask_BT = pad_prompts(prompts, pad_id, mask=mask)
+    longest = int(mask_BT.sum(1).max())
+    if longest + max_new_tokens > cfg.max_positions:
+        raise InputError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context of {cfg.max_positions}; shorten the prompt or generate less")
+    greedy = temperature == 0.0
+    key = jax.random.key(0) if key is None else key
+    return _generate(params, jnp.asarray(tokens_BT), jnp.asarray(mask_BT), key,
+                     jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
+                     greedy=greedy, top_k=top_k, top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)

@@ -1,0 +1,77 @@
+"""`load` and `load_tokenizer`: one entry point for every checkpoint source.
+
+Sources: None (the embedded SmolLM2-135M-Instruct GGUF), a `.gguf` file, a Hugging
+Face checkpoint directory, or a hub id (only where a hub is reachable).
+
+Example:
+    >>> import makemost_jax as mm
+    >>> params = mm.load()                         # doctest: +SKIP
+    >>> params.config.n_layers, params.config.d_model   # doctest: +SKIP
+    (30, 576)
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from makemost_jax.errors import ConfigError
+from makemost_jax.models.config import from_hf_config
+from makemost_jax.models.model import params_from_hf
+from makemost_jax.models.types import Params
+
+DEFAULT_NAMES = (None, "", "default", "-")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def read_checkpoint(source: str | None) -> tuple[dict, dict]:
+    """(HF config dict, HF-named tensors) for any source `load` accepts."""
+    from makemost_jax.checkpoints.gguf import default_gguf_path, read_gguf
+    from makemost_jax.checkpoints.hf import read_hf_checkpoint
+
+    if source in DEFAULT_NAMES:
+        source = default_gguf_path()
+    if str(source).endswith(".gguf"):
+        hf_config, tensors, _ = read_gguf(str(source))
+        return hf_config, tensors
+    return read_hf_checkpoint(os.fspath(source))
+
+
+def load(source: str | None = None, dtype="float32") -> Params:
+    """Load a model's parameters (weights + config) from any supported source.
+
+    Raises `ModelNotFoundError` for an unknown name or path and `CheckpointError`
+    naming the tensor for a corrupted or mismatched checkpoint.
+
+    Example:
+        >>> params = load("path/to/hf_gpt2_dir", dtype="bfloat16")   # doctest: +SKIP
+    """
+    hf_config, tensors = read_checkpoint(source)
+    cfg = from_hf_config(hf_config)
+    if cfg.family == "bert":
+        from makemost_jax.models.bert import has_mlm_head
+
+        cfg = cfg.replace(has_lm_head=has_mlm_head(tensors))
+    return params_from_hf(cfg, tensors, _dtype(dtype))
+
+
+def load_tokenizer(source: str | None = None):
+    """The tokenizer that goes with `load(source)`.
+
+    Example:
+        >>> tok = load_tokenizer()                    # doctest: +SKIP
+        >>> tok.decode(tok.encode("Hello world"))     # doctest: +SKIP
+        'Hello world'
+    """
+    from makemost_jax.tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(None if source in DEFAULT_NAMES else os.fspath(source))

@@ -1,0 +1,233 @@
+"""Transformer building blocks shared by every family, as Flax NNX modules.
+
+One `Block` covers GPT-2 (pre-LayerNorm, GELU MLP), Llama (pre-RMSNorm, rotary,
+grouped-query attention, SwiGLU) and BERT (post-LayerNorm, bidirectional); the config
+picks the variant. Blocks are stored stacked (leading L axis) and run under
+`lax.scan` by `run_blocks`, which turns the NNX module into a pure function of
+(weights pytree, inputs) through `nnx.split` / `nnx.merge`.
+
+Dimensions: B batch, T new tokens, S cache slots (keys), L layers, D width,
+H query heads, G key/value heads, R = H // G, K head width, F MLP width.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from makemost_jax.models.config import from_hf_config
+    >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 2,
+    ...                       "n_head": 2, "vocab_size": 10, "n_positions": 8})
+    >>> w = init_block_weights(cfg, jax.random.key(0))
+    >>> w["attn"]["q"]["kernel"].shape
+    (2, 16, 16)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from makemost_jax.models.config import ModelConfig
+
+# `nnx.to_pure_dict` is the current spelling; older Flax only has the State method.
+_to_pure_dict = getattr(nnx, "to_pure_dict", lambda state: state.to_pure_dict())
+
+_ACTIVATIONS = {
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """The activation function called `name` (HF names, normalised by the config)."""
+    return _ACTIVATIONS[name]
+
+
+def apply_norm(x, scale, bias, eps: float):
+    """LayerNorm (with `bias`) or RMSNorm (`bias=None`), statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    if bias is None:
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return (y * scale).astype(x.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm as the config says (parameters `scale`, and `bias` for LayerNorm)."""
+
+    def __init__(self, cfg: ModelConfig, width: int):
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32)) if cfg.norm == "layernorm" else None
+
+    def __call__(self, x):
+        return apply_norm(x, self.scale[...], None if self.bias is None else self.bias[...], self.eps)
+
+
+def norm_weights(cfg: ModelConfig, width: int) -> dict:
+    """Fresh weights of a `Norm` (ones, zeros), for the norms outside the blocks."""
+    return _to_pure_dict(nnx.split(Norm(cfg, width))[1])
+
+
+def norm(cfg: ModelConfig, weights: dict, x):
+    """Apply a `Norm` given its weights dict (for the norms outside the blocks)."""
+    return apply_norm(x, weights["scale"], weights.get("bias"), cfg.norm_eps)
+
+
+def rotary_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Per-pair rotary frequencies (K/2,), with linear or Llama-3 scaling applied."""
+    k = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = jnp.where(wavelen > old_context / low, inv_freq / factor,
+                             jnp.where(wavelen < old_context / high, inv_freq, smoothed))
+    return inv_freq
+
+
+def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate query/key heads by position (HF's rotate-half convention), in float32."""
+    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    angles_BTK = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BTK), jnp.sin(angles_BTK)
+    x = x_BTNK.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BTNK.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped key/value heads over an explicit cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nnx.Linear(d, h * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.k = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.v = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.o = nnx.Linear(h * k, d, use_bias=cfg.out_bias, rngs=rngs)
+
+    def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
+                 attend_BTS, layer_index):
+        b, t, _ = x_BTD.shape
+        h, g, k = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_BTHK = self.q(x_BTD).reshape(b, t, h, k)
+        k_BTGK = self.k(x_BTD).reshape(b, t, g, k)
+        v_BTGK = self.v(x_BTD).reshape(b, t, g, k)
+        if cfg.rope_theta is not None:
+            inv_freq = rotary_inverse_frequencies(cfg)
+            q_BTHK = apply_rotary(q_BTHK, positions_BT, inv_freq)
+            k_BTGK = apply_rotary(k_BTGK, positions_BT, inv_freq)
+        if k_BSGK is None:  # encoder: attend within the input only
+            k_BSGK, v_BSGK = k_BTGK, v_BTGK
+        else:
+            k_BSGK = jax.lax.dynamic_update_slice(k_BSGK, k_BTGK.astype(k_BSGK.dtype), (0, fill, 0, 0))
+            v_BSGK = jax.lax.dynamic_update_slice(v_BSGK, v_BTGK.astype(v_BSGK.dtype), (0, fill, 0, 0))
+
+        scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale = scale / (layer_index + 1).astype(jnp.float32)
+        q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
+        scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(q_BTGRK.dtype),
+                                  preferred_element_type=jnp.float32) * scale
+        # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
+        scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+        probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+        out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+        return self.o(out_BTGRK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+
+
+class Mlp(nnx.Module):
+    """Two-layer MLP, or the gated (SwiGLU) variant when `cfg.gated_mlp`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, rngs=rngs)
+        self.gate = (nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, rngs=rngs)
+                     if cfg.gated_mlp else None)
+        self.down = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=cfg.mlp_bias, rngs=rngs)
+
+    def __call__(self, cfg: ModelConfig, x_BTD):
+        act = activation(cfg.activation)
+        hidden_BTF = act(self.gate(x_BTD)) * self.up(x_BTD) if cfg.gated_mlp else act(self.up(x_BTD))
+        return self.down(hidden_BTF)
+
+
+class Block(nnx.Module):
+    """One transformer layer: attention and MLP sublayers with pre- or post-norm residuals."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, cfg.d_model)
+        self.mlp = Mlp(cfg, rngs=rngs)
+
+    def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
+                 attend_BTS, layer_index):
+        if cfg.pre_norm:
+            a, k_BSGK, v_BSGK = self.attn(cfg, self.attn_norm(x_BTD), positions_BT, k_BSGK,
+                                          v_BSGK, fill, attend_BTS, layer_index)
+            x_BTD = x_BTD + a
+            return x_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
+        a, k_BSGK, v_BSGK = self.attn(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
+                                      attend_BTS, layer_index)
+        x_BTD = self.attn_norm(x_BTD + a)
+        return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
+
+
+@functools.lru_cache(maxsize=None)
+def _block_template(cfg: ModelConfig):
+    """(graphdef, abstract state) of one Block; built once per config, no allocation."""
+    return nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+
+
+def init_block_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Randomly initialised weights of all L blocks, stacked on a leading axis.
+
+    Example:
+        >>> # w = init_block_weights(cfg, jax.random.key(0)); w["mlp"]["up"]["kernel"].shape == (L, D, F)
+    """
+    def one(k):
+        return _to_pure_dict(nnx.split(Block(cfg, rngs=nnx.Rngs(k)))[1])
+
+    weights = jax.vmap(one)(jax.random.split(key, cfg.n_layers))
+    return jax.tree.map(lambda w: w.astype(dtype), weights)
+
+
+def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, attend_BTS,
+               k_LBSGK=None, v_LBSGK=None, fill=0, return_hidden: bool = False):
+    """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
+
+    `k_LBSGK`/`v_LBSGK` are the cache buffers (None for encoders); the new tokens'
+    keys and values are written at slots [fill, fill + T).
+
+    Example:
+        >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, pos, attend, cache.k, cache.v, cache.fill)
+    """
+    graphdef, abstract_state = _block_template(cfg)
+
+    def step(x_BTD, layer):
+        weights, layer_index, k_BSGK, v_BSGK = layer
+        state = jax.tree.map(lambda leaf: leaf, abstract_state)
+        nnx.replace_by_pure_dict(state, weights)
+        block = nnx.merge(graphdef, state)
+        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
+                                      attend_BTS, layer_index)
+        return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
+
+    layer_index = jnp.arange(cfg.n_layers)
+    x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
+        step, x_BTD, (layer_weights, layer_index, k_LBSGK, v_LBSGK))
+    return x_BTD, k_LBSGK, v_LBSGK, hidden_LBTD

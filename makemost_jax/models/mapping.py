@@ -1,0 +1,114 @@
+"""Turn Hugging Face state-dict tensors into our weights pytree, loudly.
+
+Each family lists `(our path, HF name, transpose)` entries; names containing `{i}`
+are per-layer and get stacked on a leading L axis. Every tensor must be used exactly
+once and have the expected shape: a missing, unused or misshapen tensor is a
+`CheckpointError` that names it.
+
+Example:
+    >>> import numpy as np
+    >>> expected = {"embed": {"tokens": jax.ShapeDtypeStruct((3, 2), np.float32)}}
+    >>> w = assemble({"wte": np.ones((3, 2))}, [("embed/tokens", "wte", False)],
+    ...              expected, n_layers=1)
+    >>> w["embed"]["tokens"].shape
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from makemost_jax.errors import CheckpointError
+
+Entry = tuple[str, str, bool]  # (our "a/b/c" path, HF name, transpose to (in, out))
+
+
+def _lookup(tree: Mapping, path: str):
+    node = tree
+    for part in path.split("/"):
+        node = node[part]
+    return node
+
+
+def _insert(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _take(tensors: Mapping[str, np.ndarray], used: set, name: str, transpose: bool) -> np.ndarray:
+    if name not in tensors:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r}; is it the right model "
+                              "type and a complete (all shards present) checkpoint?")
+    used.add(name)
+    array = np.asarray(tensors[name])
+    return array.T if transpose else array
+
+
+def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expected,
+             n_layers: int, ignored: Iterable[str] = (), dtype=jnp.float32) -> dict:
+    """Build the weights pytree from HF tensors following `entries`.
+
+    `expected` is the abstract weights tree (`jax.eval_shape` of the family's init);
+    `ignored` lists HF names (or `{i}` templates) that may be present and are dropped
+    on purpose (e.g. GPT-2's causal-mask buffers).
+    """
+    used: set[str] = set()
+    weights: dict = {}
+    for path, name, transpose in entries:
+        try:
+            want = _lookup(expected, path)
+        except KeyError:
+            continue  # optional leaf this config does not have (e.g. biases switched off)
+        layered = "{i}" in name
+        per_tensor = tuple(want.shape[1:] if layered else want.shape)
+        names = [name.format(i=i) for i in range(n_layers)] if layered else [name]
+        arrays = [_take(tensors, used, n, transpose) for n in names]
+        for n, a in zip(names, arrays):
+            if a.shape != per_tensor:
+                stored = a.shape[::-1] if transpose else a.shape
+                implied = per_tensor[::-1] if transpose else per_tensor
+                raise CheckpointError(
+                    f"tensor {n!r} has shape {stored}, but the config implies {implied}; "
+                    "the checkpoint and its config.json do not match")
+        array = np.stack(arrays) if layered else arrays[0]
+        _insert(weights, path, jnp.asarray(array, dtype=dtype))
+
+    missing = [p for p, _ in _leaf_paths(expected) if _missing(weights, p)]
+    if missing:
+        raise CheckpointError(f"no tensor in the checkpoint provides {missing[0]!r} "
+                              f"({len(missing)} weights missing)")
+    patterns = [n.format(i=i) for n in ignored for i in range(n_layers)] if ignored else []
+    unused = sorted(set(tensors) - used - set(patterns))
+    if unused:
+        raise CheckpointError(
+            f"checkpoint tensor {unused[0]!r} is not used by this model "
+            f"({len(unused)} unused); the config.json does not describe this checkpoint")
+    return weights
+
+
+def _leaf_paths(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _leaf_paths(value, path + "/")
+        else:
+            yield path, value
+
+
+def _missing(tree, path):
+    try:
+        _lookup(tree, path)
+        return False
+    except KeyError:
+        return True
+
+
+def expected_shapes(init_fn, cfg):
+    """The abstract weights tree of `init_fn(cfg, key)` without allocating it."""
+    return jax.eval_shape(lambda: init_fn(cfg, jax.random.key(0)))

@@ -1,0 +1,254 @@
+"""Model families against Hugging Face PyTorch: logits, caches, padding, grads, generation."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import makemost_jax as mm
+from makemost_jax.decoding import pad_prompts
+from makemost_jax.errors import CheckpointError, InputError, ModelNotFoundError
+
+RNG = np.random.RandomState(0)
+TOKENS = RNG.randint(2, 101, (3, 17))  # avoid ids 0/1 (RoBERTa's bos/pad)
+
+DECODERS = [
+    ("gpt2", {}),
+    ("gpt2", dict(n_embd=48, n_head=3, n_layer=3, activation_function="gelu")),
+    ("gpt2", dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, n_inner=40)),
+    ("llama", {}),  # 4 query heads over 2 key/value heads
+    ("llama", dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=36,
+                   tie_word_embeddings=True, num_hidden_layers=3)),
+    ("llama", dict(num_attention_heads=6, num_key_value_heads=1, head_dim=16,
+                   attention_bias=True, mlp_bias=True, rope_theta=500.0)),
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+]
+ENCODERS = [
+    dict(),
+    dict(num_attention_heads=1, hidden_size=24, num_hidden_layers=3, hidden_act="gelu_new"),
+    dict(roberta=True),
+    dict(roberta=True, num_attention_heads=2),
+    dict(mlm=False),  # bare encoder, like all-MiniLM-L6-v2
+]
+
+
+def torch_model(folder):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if config.model_type in ("bert", "roberta"):
+        try:
+            return transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+        except Exception:  # noqa: BLE001 - a bare encoder has no MLM head
+            return transformers.AutoModel.from_pretrained(folder).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def torch_outputs(model, tokens, mask=None):
+    with torch.no_grad():
+        return model(torch.tensor(tokens), attention_mask=None if mask is None else torch.tensor(mask),
+                     output_hidden_states=True)
+
+
+@pytest.mark.parametrize("family,overrides", DECODERS)
+def test_decoder_logits_and_hidden_match_pytorch(hf, family, overrides):
+    folder = getattr(hf, family)(**overrides)
+    params = mm.load(str(folder))
+    ref = torch_outputs(torch_model(folder), TOKENS)
+    out = mm.forward(params, TOKENS, return_hidden=True)
+    np.testing.assert_allclose(out.logits, ref.logits.numpy(), atol=1e-4, rtol=0)
+    ref_hidden = np.stack([h.numpy() for h in ref.hidden_states])
+    np.testing.assert_allclose(out.hidden, ref_hidden, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", ENCODERS)
+def test_encoder_logits_match_pytorch(hf, overrides):
+    folder = hf.bert(**overrides)
+    params = mm.load(str(folder))
+    mask = np.ones_like(TOKENS)
+    mask[1, 11:] = 0  # right padding, as BERT batches are padded
+    tokens = np.where(mask, TOKENS, params.config.pad_token_id)
+    ref = torch_outputs(torch_model(folder), tokens, mask)
+    out = mm.forward(params, tokens, mask=mask, return_hidden=True)
+    keep = mask.astype(bool)
+    ref_hidden = np.stack([h.numpy() for h in ref.hidden_states])
+    np.testing.assert_allclose(np.asarray(out.hidden)[:, keep], ref_hidden[:, keep], atol=1e-4, rtol=0)
+    if params.config.has_lm_head:
+        np.testing.assert_allclose(np.asarray(out.logits)[keep], ref.logits.numpy()[keep],
+                                   atol=1e-4, rtol=0)
+    else:
+        assert out.logits is None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_incremental_decoding_equals_full_forward(hf, family):
+    params = mm.load(str(getattr(hf, family)()))
+    full = mm.forward(params, TOKENS).logits
+    cache = mm.init_cache(params.config, TOKENS.shape[0], 24)
+    pieces = []
+    for start, stop in [(0, 9), (9, 10), (10, 14), (14, 15), (15, 16), (16, 17)]:
+        out = mm.forward(params, TOKENS[:, start:stop], cache=cache)
+        cache = out.cache
+        pieces.append(out.logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
+    assert int(cache.fill) == 17 and cache.next_position.tolist() == [17, 17, 17]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_batch_equals_unpadded_rows(hf, family):
+    params = mm.load(str(getattr(hf, family)()))
+    rows = [TOKENS[0, :5], TOKENS[1, :17], TOKENS[2, :11]]
+    tokens, mask = pad_prompts(rows, pad_id=0, bucket=1)
+    cache = mm.init_cache(params.config, 3, 20)
+    batched = mm.forward(params, tokens, cache=cache, mask=mask)
+    step = mm.forward(params, TOKENS[:, :1], cache=batched.cache)  # one more token each
+    for i, row in enumerate(rows):
+        single = mm.forward(params, np.concatenate([row, TOKENS[i, :1]])[None]).logits[0]
+        np.testing.assert_allclose(batched.logits[i, -len(row):], single[:-1], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(step.logits[i, 0], single[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_with_respect_to_cache_matches_finite_differences(hf, family):
+    params = mm.load(str(getattr(hf, family)()))
+    prefix, target = TOKENS[:1, :8], TOKENS[:1, 8:12]
+    cache = mm.forward(params, prefix, cache=mm.init_cache(params.config, 1, 12)).cache
+
+    def nll(k, v):
+        c = mm.KVCache(k=k, v=v, valid=cache.valid, fill=cache.fill, next_position=cache.next_position)
+        logits = mm.forward(params, target[:, :-1], cache=c).logits
+        return -mm.token_logprobs(logits, target[:, 1:]).sum()
+
+    grad_k, grad_v = jax.grad(nll, argnums=(0, 1))(cache.k, cache.v)
+    assert float(jnp.abs(grad_k[:, :, :8]).max()) > 0 and float(jnp.abs(grad_k[:, :, 8:]).max()) == 0
+    for seed in range(3):  # directional derivatives along random directions
+        dk, dv = (jax.random.normal(jax.random.key(seed + i), cache.k.shape) for i in (0, 10))
+        eps = 1e-2
+        numeric = (nll(cache.k + eps * dk, cache.v + eps * dv)
+                   - nll(cache.k - eps * dk, cache.v - eps * dv)) / (2 * eps)
+        analytic = jnp.vdot(grad_k, dk) + jnp.vdot(grad_v, dv)
+        np.testing.assert_allclose(numeric, analytic, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_generation_matches_transformers_generate(hf, family):
+    folder = getattr(hf, family)(**({"n_positions": 128} if family == "gpt2" else
+                                    {"max_position_embeddings": 128}))
+    params, model = mm.load(str(folder)), torch_model(folder)
+    rows = [list(TOKENS[0, :6]), list(TOKENS[1, :13])]
+    result = mm.generate(params, rows, max_new_tokens=32)
+    tokens, mask = pad_prompts(rows, pad_id=0, bucket=1)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                             max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(result.tokens), ref[:, tokens.shape[1]:].numpy())
+    assert result.lengths.tolist() == [32, 32]
+
+
+def test_generation_stops_at_eos_and_pads_after_it(tiny_llama_dir):
+    params = mm.load(str(tiny_llama_dir))
+    free = mm.generate(params, [list(TOKENS[0, :5])], max_new_tokens=12)
+    eos = int(free.tokens[0, 3])  # pretend the 4th greedy token is EOS
+    stopped = mm.generate(params, [list(TOKENS[0, :5])], max_new_tokens=12, eos_id=eos, pad_id=0)
+    first = int(np.argmax(np.asarray(free.tokens[0]) == eos))
+    assert int(stopped.lengths[0]) == first + 1
+    np.testing.assert_array_equal(stopped.tokens[0, :first + 1], free.tokens[0, :first + 1])
+    assert np.all(np.asarray(stopped.tokens[0, first + 1:]) == 0)
+    np.testing.assert_allclose(stopped.logprobs[0, :first + 1], free.logprobs[0, :first + 1], atol=1e-6)
+
+
+def test_sampling_respects_top_k_and_is_reproducible(tiny_gpt2_dir):
+    params = mm.load(str(tiny_gpt2_dir))
+    prompt = [list(TOKENS[0, :4])] * 4
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=3, key=jax.random.key(7))
+    a, b = mm.generate(params, prompt, **kw), mm.generate(params, prompt, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    # every sampled token is among the 3 most likely at its step
+    for row in np.asarray(a.tokens):
+        logits = mm.forward(params, np.concatenate([prompt[0], row])[None]).logits[0]
+        top3 = np.argsort(-np.asarray(logits[len(prompt[0]) - 1:-1]), axis=-1)[:, :3]
+        assert all(t in allowed for t, allowed in zip(row, top3))
+    assert len({tuple(r) for r in np.asarray(a.tokens)}) > 1  # rows differ: it does sample
+
+
+def test_scanned_layers_keep_the_program_size_independent_of_depth(hf):
+    programs = []
+    for n_layer in (2, 12):
+        params = mm.load(str(hf.gpt2(f"g{n_layer}", n_layer=n_layer, tokenizer=False)))
+        jaxpr = jax.make_jaxpr(lambda p, t: mm.forward(p, t).logits)(params, TOKENS)
+        programs.append(re.sub(r"\d+", "N", str(jaxpr)))  # same program up to shapes
+    assert programs[0] == programs[1]
+
+
+def test_bfloat16_load_is_close_to_float32(tiny_llama_dir):
+    full = mm.forward(mm.load(str(tiny_llama_dir)), TOKENS).logits
+    half_params = mm.load(str(tiny_llama_dir), dtype="bfloat16")
+    assert half_params["layers"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+    half = mm.forward(half_params, TOKENS).logits
+    assert half.dtype == jnp.float32
+    assert float(jnp.abs(half - full).max()) < 0.1 * float(jnp.abs(full).max())
+
+
+def _rewrite_checkpoint(folder, edit):
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("edit,name", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight"),
+    (lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}),
+     "model.layers.0.extra.weight"),
+    (lambda t: t.update({"model.norm.weight": np.zeros(7, np.float32)}), "model.norm.weight"),
+])
+def test_missing_unused_or_misshapen_tensor_is_named(hf, edit, name):
+    folder = hf.llama(tokenizer=False)
+    _rewrite_checkpoint(folder, edit)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        mm.load(str(folder))
+
+
+def test_bad_inputs_raise_clear_errors(tiny_gpt2_dir):
+    params = mm.load(str(tiny_gpt2_dir))
+    with pytest.raises(ModelNotFoundError):
+        mm.load("no-such-model-anywhere")
+    with pytest.raises(InputError, match="vocabulary"):
+        mm.forward(params, [[1, 5000]])
+    with pytest.raises(InputError, match="batch, length"):
+        mm.forward(params, [1, 2, 3])
+    with pytest.raises(InputError, match="do not fit"):
+        mm.forward(params, TOKENS[:, :5], cache=mm.init_cache(params.config, 3, 4))
+    with pytest.raises(InputError, match="context"):
+        mm.generate(params, [list(TOKENS[0])], max_new_tokens=60)
+    with pytest.raises(InputError, match="context"):
+        mm.forward(params, np.ones((1, 65), np.int32))
+
+
+@pytest.fixture(scope="module")
+def default_models():
+    from makemost_jax.checkpoints.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    folder, name = path.rsplit("/", 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                              dtype=torch.float32).eval()
+    return mm.load(), model
+
+
+def test_default_model_logits_match_transformers_gguf(default_models):
+    params, model = default_models
+    assert (params.config.n_layers, params.config.d_model, params.config.n_kv_heads) == (30, 576, 3)
+    tokens = mm.load_tokenizer().encode("It is a truth universally acknowledged, that a single man "
+                                        "in possession of a good fortune, must be in want of a wife.")
+    ours = mm.forward(params, [tokens]).logits[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
