@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from makemost_jax.errors import ConfigError
 from makemost_jax.models.config import ModelConfig
 
 # `nnx.to_pure_dict` is the current spelling; older Flax only has the State method.
@@ -131,23 +133,53 @@ class Attention(nnx.Module):
             inv_freq = rotary_inverse_frequencies(cfg)
             q_BTHK = apply_rotary(q_BTHK, positions_BT, inv_freq)
             k_BTGK = apply_rotary(k_BTGK, positions_BT, inv_freq)
-        if k_BSGK is None:  # encoder: attend within the input only
+        if k_BSGK is None or attend_BTS is None:  # encoder or fresh prefill: attend to the input
             k_BSGK, v_BSGK = k_BTGK, v_BTGK
         else:
             k_BSGK = jax.lax.dynamic_update_slice(k_BSGK, k_BTGK.astype(k_BSGK.dtype), (0, fill, 0, 0))
             v_BSGK = jax.lax.dynamic_update_slice(v_BSGK, v_BTGK.astype(v_BSGK.dtype), (0, fill, 0, 0))
-
-        scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale = scale / (layer_index + 1).astype(jnp.float32)
-        q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
-        scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(q_BTGRK.dtype),
-                                  preferred_element_type=jnp.float32) * scale
-        # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
-        scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
-        probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
-        out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
-        return self.o(out_BTGRK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+            q_BTHK = q_BTHK / (layer_index + 1).astype(q_BTHK.dtype)
+        scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0
+        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale)
+        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+
+
+def _use_cudnn(dtype) -> bool:
+    """Fused cuDNN attention for plain causal prefill on GPU in 16-bit (MAKEMOST_ATTENTION overrides)."""
+    choice = os.environ.get("MAKEMOST_ATTENTION", "auto")
+    if choice not in ("auto", "xla", "cudnn"):
+        raise ConfigError(f"MAKEMOST_ATTENTION={choice!r} must be auto, xla or cudnn")
+    if choice == "auto":
+        return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+    return choice == "cudnn"
+
+
+def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float):
+    """Softmax attention of T queries over S keys with grouped key/value heads.
+
+    `attend_BTS` is a boolean mask; None means plain causal attention over the
+    queries' own keys (S == T), where a fused kernel can be used.
+
+    Example:
+        >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 3, 2, 8))
+        >>> attention(q, kv, kv, None, 8 ** -0.5).shape
+        (1, 3, 4, 8)
+    """
+    b, t, h, k = q_BTHK.shape
+    g = k_BSGK.shape[2]
+    if attend_BTS is None:
+        if _use_cudnn(q_BTHK.dtype):
+            return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
+                                                implementation="cudnn")
+        attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
+    q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
+    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(q_BTGRK.dtype),
+                              preferred_element_type=jnp.float32) * scale
+    # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
+    scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
+    return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK).reshape(b, t, h, k)
 
 
 class Mlp(nnx.Module):

@@ -115,6 +115,8 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         raise InputError(f"mask has shape {mask_BT.shape} but tokens have shape {(b, t)}")
 
     if cfg.causal:
+        # A fresh cache with no padding is plain causal attention over the input itself.
+        plain_causal = cache is None and mask is None
         if cache is None:
             cache = init_cache(cfg, b, t, weights["embed"]["tokens"].dtype)
         if positions is None:
@@ -124,10 +126,12 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         valid_BS = jax.lax.dynamic_update_slice(cache.valid, mask_BT, (0, cache.fill))
         slot_S = jnp.arange(cache.size)
         query_slot_T = cache.fill + jnp.arange(t)
-        attend_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
+        attend_BTS = None if plain_causal else (
+            valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None]))
         x0_BTD = family.embed(cfg, weights, tokens_BT, positions, token_types)
+        buffers = (None, None) if plain_causal else (cache.k, cache.v)
         x_BTD, k, v, hidden = run_blocks(cfg, weights["layers"], x0_BTD, positions, attend_BTS,
-                                         cache.k, cache.v, cache.fill, return_hidden)
+                                         *buffers, cache.fill, return_hidden)
         new_cache = KVCache(k=k, v=v, valid=valid_BS, fill=cache.fill + t,
                             next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32))
     else:
