@@ -60,12 +60,12 @@ def machine() -> dict:
 
 def forward_flops(cfg, batch: int, length: int) -> float:
     """Matmul FLOPs of one scoring forward (projections, attention, LM head)."""
-    d, f, l = cfg.d_model, cfg.d_ff, cfg.n_layers
+    d, f, n_layers = cfg.d_model, cfg.d_ff, cfg.n_layers
     qkvo = 2 * d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.n_heads * cfg.head_dim * d
     mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
     attention = 2 * 2 * length * cfg.n_heads * cfg.head_dim  # scores + weighted sum, full T x T
     head = 2 * d * cfg.vocab_size
-    return batch * length * (l * (qkvo + mlp + attention) + head)
+    return batch * length * (n_layers * (qkvo + mlp + attention) + head)
 
 
 def matmul_rate(dtype, n: int = 8192, repeats: int = 10) -> float:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from makemost_jax.errors import ConfigError
 from makemost_jax.models.config import from_hf_config
@@ -75,3 +77,22 @@ def load_tokenizer(source: str | None = None):
     from makemost_jax.tokenizer import load_tokenizer as _load_tokenizer
 
     return _load_tokenizer(None if source in DEFAULT_NAMES else os.fspath(source))
+
+
+def model_summary(params: Params) -> dict:
+    """A model's architecture and size as a flat, JSON-ready dict.
+
+    Example:
+        >>> # model_summary(mm.load())["n_params"]
+        >>> # 134515008
+    """
+    cfg = params.config
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params.weights))
+    return {
+        "family": cfg.family, "hf_model_type": cfg.hf_model_type, "n_params": n_params,
+        "dtype": str(params.dtype), "vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "max_positions": cfg.max_positions,
+        "norm": cfg.norm, "activation": cfg.activation, "rope_theta": cfg.rope_theta,
+        "tie_embeddings": cfg.tie_embeddings, "causal": cfg.causal, "has_lm_head": cfg.has_lm_head,
+    }
