@@ -134,6 +134,10 @@ def bench_shape(name: str, dtype: str, batch: int, length: int, repeats: int, de
     }
 
 
+def _percent(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def write_results(rows: list[dict], info: dict, tag: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"forward_{tag}.json").write_text(json.dumps({"machine": info, "results": rows}, indent=2))
@@ -146,8 +150,7 @@ def write_results(rows: list[dict], info: dict, tag: str) -> Path:
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['batch']} x {r['length']} | {r['jax_tokens_per_s']:.0f} "
             f"| {r['torch_tokens_per_s']:.0f} | {r['speedup_median_pairwise']:.2f}x | {r['jax_tflops']:.3f} "
-            f"| {r['max_abs_logit_diff']:.1e} | {r.get('mfu_jax', float('nan')):.1%} "
-            f"| {r.get('mfu_torch', float('nan')):.1%} |")
+            f"| {r['max_abs_logit_diff']:.1e} | {_percent(r.get('mfu_jax'))} | {_percent(r.get('mfu_torch'))} |")
     path = RESULTS / f"forward_{tag}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -173,13 +173,24 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float):
             return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
-    q_BTGRK = q_BTHK.reshape(b, t, g, h // g, k)
-    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(q_BTGRK.dtype),
-                              preferred_element_type=jnp.float32) * scale
+    r = h // g
+    # Fold the R query heads that share a key/value head into the query axis: one plain
+    # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
+    q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
+    k_BGSK = k_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
+    v_BGSK = v_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
+    scores_BGRTS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK,
+                              preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
     # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
     scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BSGK.dtype)
-    return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK).reshape(b, t, h, k)
+    # Softmax with the normalisation applied after the value product: one pass less
+    # over the (T, S) scores. The max shift cancels exactly, so it carries no gradient.
+    shifted = scores_BGRTS - jax.lax.stop_gradient(scores_BGRTS.max(axis=-1, keepdims=True))
+    weights_BGRTS = jnp.exp(shifted)
+    out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", weights_BGRTS.reshape(b, g, r * t, -1).astype(v_BGSK.dtype),
+                          v_BGSK, preferred_element_type=jnp.float32)
+    out_BGRTK = out_BGQK.reshape(b, g, r, t, k) / weights_BGRTS.sum(axis=-1)[..., None]
+    return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(q_BTHK.dtype)
 
 
 class Mlp(nnx.Module):
