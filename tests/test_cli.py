@@ -54,6 +54,17 @@ def corrupt_dir(tiny_gpt2_dir, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def mismatched_dir(tiny_gpt2_dir, tmp_path_factory):
+    """A checkpoint folder whose config.json claims one layer more than its weights hold."""
+    folder = tmp_path_factory.mktemp("mismatched") / "gpt2"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_layer"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 # ---------------------------------------------------------------- --json output
 
 
@@ -128,10 +139,10 @@ def empty_file(tmp_path):
 @pytest.mark.parametrize("case", [
     "unknown model", "missing file", "empty file", "folder as file", "not utf-8", "stride 0",
     "stride > context", "context too large", "corrupted checkpoint", "corrupted checkpoint info",
-    "bad top-p", "bad max-new-tokens",
+    "bad top-p", "bad max-new-tokens", "prompt too long", "mismatched checkpoint",
 ])
 def test_errors_are_one_line_and_status_2(capsys, case, tiny_gpt2_dir, text_file, empty_file,
-                                          corrupt_dir, tmp_path):
+                                          corrupt_dir, mismatched_dir, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     argv, words = {
@@ -147,6 +158,8 @@ def test_errors_are_one_line_and_status_2(capsys, case, tiny_gpt2_dir, text_file
         "corrupted checkpoint info": (("info", corrupt_dir), "model.safetensors"),
         "bad top-p": (("generate", tiny_gpt2_dir, "Sir", "--top-p", 0), "top_p"),
         "bad max-new-tokens": (("generate", tiny_gpt2_dir, "Sir", "--max-new-tokens", 0), "max_new_tokens"),
+        "prompt too long": (("generate", tiny_gpt2_dir, "Sir Walter " * 40, "--max-new-tokens", 8), "context"),
+        "mismatched checkpoint": (("info", mismatched_dir), "h.2.ln_1.weight"),
     }[case]
     status, out, err = run(capsys, *argv)
     assert status == 2

@@ -25,17 +25,20 @@ from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import init_block_weights, norm, norm_weights
 
 
-def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random GPT-2 weights (normal(0.02) embeddings, Flax default block init)."""
+def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32,
+                 learned_positions: bool = True) -> dict:
+    """Random decoder weights (normal(0.02) embeddings, Flax default block init).
+
+    Shared by the Llama family, which has no learned position table.
+    """
     k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
     weights = {
-        "embed": {
-            "tokens": 0.02 * jax.random.normal(k_tok, (cfg.vocab_size, cfg.d_model), dtype),
-            "positions": 0.01 * jax.random.normal(k_pos, (cfg.max_positions, cfg.d_model), dtype),
-        },
+        "embed": {"tokens": 0.02 * jax.random.normal(k_tok, (cfg.vocab_size, cfg.d_model), dtype)},
         "layers": init_block_weights(cfg, k_blocks, dtype),
         "final_norm": norm_weights(cfg, cfg.d_model),
     }
+    if learned_positions:
+        weights["embed"]["positions"] = 0.01 * jax.random.normal(k_pos, (cfg.max_positions, cfg.d_model), dtype)
     if not cfg.tie_embeddings:
         weights["lm_head"] = {"kernel": 0.02 * jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size), dtype)}
     return weights

@@ -21,25 +21,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from makemost_jax.models import mapping
+from makemost_jax.models import gpt2, mapping
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.gpt2 import head  # same final norm + (tied or untied) projection
-from makemost_jax.models.layers import init_block_weights, norm_weights
 
 __all__ = ["init_weights", "embed", "head", "weights_from_hf"]
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random Llama weights."""
-    k_tok, k_blocks, k_head = jax.random.split(key, 3)
-    weights = {
-        "embed": {"tokens": 0.02 * jax.random.normal(k_tok, (cfg.vocab_size, cfg.d_model), dtype)},
-        "layers": init_block_weights(cfg, k_blocks, dtype),
-        "final_norm": norm_weights(cfg, cfg.d_model),
-    }
-    if not cfg.tie_embeddings:
-        weights["lm_head"] = {"kernel": 0.02 * jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size), dtype)}
-    return weights
+    """Random Llama weights: GPT-2's layout without the learned position table."""
+    return gpt2.init_weights(cfg, key, dtype, learned_positions=False)
 
 
 def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
