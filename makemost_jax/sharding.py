@@ -1,0 +1,311 @@
+"""Device meshes and sharding as data: logical axis names, rules, and helpers.
+
+Every parameter of every family gets logical axis names (`logical_axes`), and a rules
+table maps logical names to mesh axes (`DEFAULT_RULES`). Changing how a model is
+sharded means changing the rules, not the code. The mesh has three axes:
+
+- ``data``: batch rows split across devices, parameters replicated;
+- ``fsdp``: batch rows split *and* parameters split along their width (each device
+  holds 1/fsdp of every large tensor; XLA gathers them per layer);
+- ``tensor``: attention heads, MLP width and vocabulary split (Megatron-style).
+
+A dimension that a mesh axis does not divide evenly is left unsplit (replicated), so
+every model runs on every mesh; `describe_sharding` says which were left whole.
+
+Example:
+    >>> import jax
+    >>> mesh = make_mesh(MeshConfig(data=-1))
+    >>> mesh.axis_names
+    ('data', 'fsdp', 'tensor')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from makemost_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("positions", None),
+    ("types", None),
+    ("length", None),
+    ("cache_slots", None),
+    ("head_dim", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the (data, fsdp, tensor) mesh axes; one of them may be -1 (the rest).
+
+    Example:
+        >>> MeshConfig(data=2, fsdp=-1, tensor=2).resolve(8)
+        (2, 2, 2)
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ConfigError(f"{self}: at most one mesh axis may be -1 (the rest of the devices)")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"{self}: mesh axis sizes must be positive (or -1 for the rest)")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ConfigError(f"{self}: {n_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ConfigError(f"{self}: data x fsdp x tensor = {math.prod(sizes)} but there are "
+                              f"{n_devices} devices; make the product equal or use -1 for one axis")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence | None = None) -> Mesh:
+    """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all).
+
+    Example:
+        >>> make_mesh(MeshConfig(data=-1, tensor=1)).shape["data"] == len(jax.devices())
+        True
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.resolve(len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+# ----------------------------------------------------------------------------- logical axes
+
+_LAYER_AXES = {  # per-layer weights, without the leading "layers" axis
+    ("attn", "q", "kernel"): ("embed", "q_heads"),
+    ("attn", "k", "kernel"): ("embed", "kv_heads"),
+    ("attn", "v", "kernel"): ("embed", "kv_heads"),
+    ("attn", "o", "kernel"): ("q_heads", "embed"),
+    ("attn", "q", "bias"): ("q_heads",),
+    ("attn", "k", "bias"): ("kv_heads",),
+    ("attn", "v", "bias"): ("kv_heads",),
+    ("attn", "o", "bias"): ("norm",),
+    ("mlp", "up", "kernel"): ("embed", "mlp"),
+    ("mlp", "gate", "kernel"): ("embed", "mlp"),
+    ("mlp", "down", "kernel"): ("mlp", "embed"),
+    ("mlp", "up", "bias"): ("mlp",),
+    ("mlp", "gate", "bias"): ("mlp",),
+    ("mlp", "down", "bias"): ("norm",),
+}
+_TOP_AXES = {
+    ("embed", "tokens"): ("vocab", "embed"),
+    ("embed", "positions"): ("positions", "embed"),
+    ("embed", "types"): ("types", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("mlm_head", "dense", "kernel"): ("embed", "norm"),
+    ("mlm_head", "bias"): ("vocab",),
+}
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _axes_for(names: tuple[str, ...], ndim: int) -> tuple:
+    if names and names[0] == "layers":
+        inner = _LAYER_AXES.get(names[1:], ("norm",) * (ndim - 1))  # norms: scale / bias
+        return ("layers",) + inner
+    return _TOP_AXES.get(names, ("norm",) * ndim)
+
+
+def logical_axes(params) -> Any:
+    """A pytree like `params` whose leaves are tuples of logical axis names.
+
+    Accepts a `Params` or its weights dict (arrays or `ShapeDtypeStruct`s).
+
+    Example:
+        >>> # logical_axes(params)["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "q_heads")
+    """
+    weights = getattr(params, "weights", params)
+
+    def axes(path, leaf):
+        names = _axes_for(_names(path), len(leaf.shape))
+        if len(names) != len(leaf.shape):
+            raise ConfigError(f"logical axes {names} do not fit weight {'/'.join(_names(path))} "
+                              f"of shape {tuple(leaf.shape)}")
+        return names
+
+    return jax.tree_util.tree_map_with_path(axes, weights)
+
+
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+    """The `PartitionSpec` for one array: rules applied, uneven splits dropped.
+
+    A mesh axis is used at most once per array (the first dimension that claims it).
+
+    Example:
+        >>> mesh = make_mesh(MeshConfig(data=-1))
+        >>> partition_spec(("batch", "length"), (8, 16), mesh)
+        PartitionSpec(('data',), None)
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        # Axes of size 1 add nothing; axes already used or not dividing the size are skipped.
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+        while mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes):
+            mesh_axes = mesh_axes[:-1]
+        used.update(mesh_axes)
+        spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """`NamedSharding`s for every parameter, as a pytree like `params`.
+
+    Example:
+        >>> # shardings = param_shardings(params, make_mesh(MeshConfig(fsdp=-1)))
+    """
+    axes_tree = logical_axes(params)
+    weights = getattr(params, "weights", params)
+    # axes_tree has a tuple where weights has an array, so weights' structure leads.
+    shardings = jax.tree.map(
+        lambda leaf, axes: NamedSharding(mesh, partition_spec(axes, leaf.shape, mesh, rules)),
+        weights, axes_tree)
+    return dataclasses.replace(params, weights=shardings) if hasattr(params, "weights") else shardings
+
+
+def shard_params(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """`params` placed on `mesh` following `rules`.
+
+    Example:
+        >>> # params = shard_params(mm.load("gpt2"), make_mesh(MeshConfig(data=2, tensor=4)))
+    """
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(state, params_shardings):
+    """Shardings for any pytree holding parameter-shaped subtrees (e.g. optax states).
+
+    Each leaf whose tree path ends with a parameter's path (and has its shape) gets
+    that parameter's sharding; every other leaf (step counts, scalars) is replicated.
+
+    Example:
+        >>> # opt_shardings = state_shardings(jax.eval_shape(tx.init, params), param_shardings(params, mesh))
+    """
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[_names(path)] = sharding
+    some = next(iter(by_path.values()))
+    fallback = replicated(some.mesh)
+
+    def pick(path, leaf):
+        names = _names(path)
+        for start in range(len(names)):
+            sharding = by_path.get(names[start:])
+            if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+                return sharding
+        return fallback
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   batch_size: int | None = None) -> NamedSharding:
+    """Rows split over the batch mesh axes, every other dimension whole.
+
+    Example:
+        >>> batch_sharding(make_mesh(MeshConfig(data=-1))).spec  # doctest: +SKIP
+        PartitionSpec('data', None)
+    """
+    shape = (batch_size if batch_size is not None else _batch_devices(mesh, rules),) + (1,) * (ndim - 1)
+    return NamedSharding(mesh, partition_spec(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
+
+
+def _batch_devices(mesh: Mesh, rules) -> int:
+    target = dict(rules).get("batch")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_batch(batch, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """Place a pytree of host arrays (leading batch axis) on `mesh`.
+
+    Single process: `batch` holds the global rows. Several processes: each passes its
+    own rows and the global array is assembled with `make_array_from_process_local_data`.
+
+    Example:
+        >>> # batch = shard_batch({"tokens": np.zeros((16, 129), np.int32)}, mesh)
+    """
+    n_devices = _batch_devices(mesh, rules)
+
+    def place(x):
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            if x.shape[0] % n_devices:
+                raise ConfigError(f"batch of {x.shape[0]} rows does not split over {n_devices} batch "
+                                  "devices; make the batch size a multiple of data x fsdp")
+            return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, x.shape[0]))
+        global_rows = x.shape[0] * jax.process_count()
+        sharding = batch_sharding(mesh, x.ndim, rules, global_rows)
+        return jax.make_array_from_process_local_data(sharding, x, (global_rows,) + x.shape[1:])
+
+    return jax.tree.map(place, batch)
+
+
+def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """Shardings for a `KVCache`: rows over the batch axes, key/value heads over tensor.
+
+    Example:
+        >>> # cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    """
+    kv_axes = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+
+    def spec(axes, x):
+        return NamedSharding(mesh, partition_spec(axes, x.shape, mesh, rules))
+
+    return dataclasses.replace(
+        cache, k=spec(kv_axes, cache.k), v=spec(kv_axes, cache.v),
+        valid=spec(("batch", "cache_slots"), cache.valid), fill=replicated(mesh),
+        next_position=spec(("batch",), cache.next_position))
+
+
+def describe_sharding(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict:
+    """Per-parameter partition specs and per-device bytes, for logs and docs.
+
+    Example:
+        >>> # describe_sharding(params, mesh)["bytes_per_device"]
+    """
+    shardings = param_shardings(params, mesh, rules)
+    weights = getattr(params, "weights", params)
+    flat_w = jax.tree_util.tree_flatten_with_path(weights)[0]
+    flat_s = jax.tree.leaves(getattr(shardings, "weights", shardings))
+    specs, per_device = {}, 0
+    for (path, leaf), sharding in zip(flat_w, flat_s):
+        specs["/".join(_names(path))] = str(sharding.spec)
+        shard_shape = sharding.shard_shape(leaf.shape)
+        per_device += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
+    return {"mesh": dict(mesh.shape), "specs": specs, "bytes_per_device": per_device}
