@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -79,6 +81,42 @@ class MeshConfig:
             raise ConfigError(f"{self}: data x fsdp x tensor = {math.prod(sizes)} but there are "
                               f"{n_devices} devices; make the product equal or use -1 for one axis")
         return tuple(sizes)
+
+
+_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar("makemost_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """Trace and run under `mesh`: activations inside the models get sharding constraints.
+
+    Without it XLA infers activation layouts from the weights alone, which under fsdp
+    can replicate whole activations per device. Use it around the *first* call (the
+    trace) of a jitted function.
+
+    Example:
+        >>> # with activate(mesh):
+        >>> #     loss = jax.jit(train_step)(state, batch)
+    """
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """`with_sharding_constraint` by logical axes under `activate`; a no-op otherwise.
+
+    Example:
+        >>> constrain(jnp.ones((2, 3)), ("batch", None)).shape  # doctest: +SKIP
+        (2, 3)
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh, _ACTIVE_RULES.get()))
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence | None = None) -> Mesh:

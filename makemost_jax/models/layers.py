@@ -31,6 +31,7 @@ from flax import nnx
 
 from makemost_jax.errors import ConfigError
 from makemost_jax.models.config import ModelConfig
+from makemost_jax.sharding import constrain
 
 # `nnx.to_pure_dict` is the current spelling; older Flax only has the State method.
 _to_pure_dict = getattr(nnx, "to_pure_dict", lambda state: state.to_pure_dict())
@@ -263,6 +264,7 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, atten
 
     def step(x_BTD, layer):
         weights, layer_index, k_BSGK, v_BSGK = layer
+        x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)

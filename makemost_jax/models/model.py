@@ -27,6 +27,7 @@ from makemost_jax.models.cache import KVCache, init_cache
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import run_blocks
 from makemost_jax.models.types import ModelOutput, Params
+from makemost_jax.sharding import constrain
 
 FAMILY_MODULES = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
@@ -146,6 +147,8 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
                                          return_hidden=return_hidden)
         new_cache = None
     logits, final_BTD = family.head(cfg, weights, x_BTD)
+    if logits is not None:
+        logits = constrain(logits, ("batch", "length", "vocab"))
     if return_hidden:
         hidden = jnp.concatenate([x0_BTD[None], hidden[:-1], final_BTD[None]], axis=0)
     return ModelOutput(logits=logits, cache=new_cache, hidden=hidden)
