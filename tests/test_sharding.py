@@ -11,7 +11,7 @@ from sharded import MESHES, assert_sharded_equal
 
 import makemost_jax as mm
 from makemost_jax.errors import ConfigError
-from makemost_jax.sharding import (MeshConfig, cache_shardings, describe_sharding, logical_axes, make_mesh,
+from makemost_jax.sharding import (MeshConfig, activate, cache_shardings, describe_sharding, logical_axes, make_mesh,
                                    param_shardings, partition_spec, shard_batch, shard_params,
                                    state_shardings)
 
@@ -123,3 +123,17 @@ def test_shard_params_places_weights_as_the_rules_say(tiny_gpt2_dir):
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert up.addressable_shards[0].data.shape == (2, 16, 64)
     assert float(jnp.abs(up).sum()) > 0
+
+
+def test_activate_adds_activation_constraints_and_keeps_results(tiny_gpt2_dir):
+    params = mm.load(str(tiny_gpt2_dir))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+
+    def logits(p, t):
+        return mm.forward(p, t).logits
+
+    assert "sharding_constraint" not in str(jax.make_jaxpr(logits)(params, TOKENS))
+    with activate(mesh):
+        assert "sharding_constraint" in str(jax.make_jaxpr(logits)(params, TOKENS))
+        got = jax.jit(logits)(shard_params(params, mesh), shard_batch(TOKENS, mesh))
+    np.testing.assert_allclose(got, logits(params, TOKENS), atol=1e-5, rtol=1e-5)
