@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -231,6 +233,28 @@ class Block(nnx.Module):
         return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
 
 
+_LAYER_REMAT: contextvars.ContextVar = contextvars.ContextVar("makemost_layer_remat", default=None)
+
+
+@contextlib.contextmanager
+def remat_layers(policy):
+    """While tracing inside this context, every transformer layer is rematerialised.
+
+    `policy` is a `jax.checkpoint_policies` entry (e.g. `nothing_saveable`: keep only
+    each layer's input, recompute the rest in the backward pass), so activation memory
+    grows with one layer, not with depth. Used by the training loop's `remat` setting.
+
+    Example:
+        >>> # with remat_layers(jax.checkpoint_policies.nothing_saveable):
+        >>> #     grads = jax.grad(loss)(params, batch)
+    """
+    token = _LAYER_REMAT.set(policy)
+    try:
+        yield
+    finally:
+        _LAYER_REMAT.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_template(cfg: ModelConfig):
     """(graphdef, abstract state) of one Block; built once per config, no allocation."""
@@ -272,6 +296,9 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, atten
                                       attend_BTS, layer_index)
         return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
 
+    policy = _LAYER_REMAT.get()
+    if policy is not None:
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
     layer_index = jnp.arange(cfg.n_layers)
     x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
         step, x_BTD, (layer_weights, layer_index, k_LBSGK, v_LBSGK))
