@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    multi = common.add_argument_group("multi-host (jax.distributed)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process job first (TPU pods and SLURM are detected automatically)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    multi.add_argument("--num-processes", type=int, help="number of processes in the job")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes-1")
     with_model = argparse.ArgumentParser(add_help=False)
     with_model.add_argument("model", metavar="MODEL", help=DEFAULT_MODEL_HELP)
     with_model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -164,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        if args.distributed:
+            from makemost_jax.training import maybe_initialize_distributed
+
+            maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=True)
         report = args.run(args)
     except MakemostError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line

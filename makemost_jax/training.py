@@ -688,22 +688,31 @@ def _train(config, init, data, loss_fn, eval_fn, mesh, frozen):
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None, auto: bool = False) -> bool:
     """Join a multi-process JAX job; returns whether more than one process runs.
 
     With no arguments (or `num_processes=1`) it does nothing, so single-machine runs
-    need no flags. Otherwise it calls `jax.distributed.initialize` (once; later calls
-    are no-ops). On CPU, collectives use gloo.
+    need no flags, unless `auto` asks JAX to detect the job (TPU pods, SLURM). Otherwise
+    it calls `jax.distributed.initialize` (once; later calls are no-ops). On CPU,
+    collectives use gloo. A failure to join is a `ConfigError` naming the settings.
 
     Example:
         >>> maybe_initialize_distributed()
         False
         >>> # maybe_initialize_distributed("10.0.0.1:1234", num_processes=4, process_id=rank)
     """
-    if coordinator is None and num_processes in (None, 1):
+    if coordinator is None and num_processes in (None, 1) and not auto:
         return False
+    if num_processes is not None and num_processes > 1 and (coordinator is None or process_id is None):
+        raise ConfigError(f"num_processes={num_processes} needs coordinator='HOST:PORT' and a process_id "
+                          "(--coordinator, --process-id) unless the cluster is detected automatically")
     if not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                       process_id=process_id)
+        except (RuntimeError, ValueError) as error:
+            raise ConfigError(f"could not join the distributed job (coordinator={coordinator!r}, "
+                              f"num_processes={num_processes}, process_id={process_id}): "
+                              f"{' '.join(str(error).split())[:300]}") from error
     return jax.process_count() > 1

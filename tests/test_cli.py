@@ -140,6 +140,7 @@ def empty_file(tmp_path):
     "unknown model", "missing file", "empty file", "folder as file", "not utf-8", "stride 0",
     "stride > context", "context too large", "corrupted checkpoint", "corrupted checkpoint info",
     "bad top-p", "bad max-new-tokens", "prompt too long", "mismatched checkpoint",
+    "distributed, no cluster", "distributed, no coordinator",
 ])
 def test_errors_are_one_line_and_status_2(capsys, case, tiny_gpt2_dir, text_file, empty_file,
                                           corrupt_dir, mismatched_dir, tmp_path):
@@ -160,6 +161,9 @@ def test_errors_are_one_line_and_status_2(capsys, case, tiny_gpt2_dir, text_file
         "bad max-new-tokens": (("generate", tiny_gpt2_dir, "Sir", "--max-new-tokens", 0), "max_new_tokens"),
         "prompt too long": (("generate", tiny_gpt2_dir, "Sir Walter " * 40, "--max-new-tokens", 8), "context"),
         "mismatched checkpoint": (("info", mismatched_dir), "h.2.ln_1.weight"),
+        "distributed, no cluster": (("info", tiny_gpt2_dir, "--distributed"), "could not join"),
+        "distributed, no coordinator": (("info", tiny_gpt2_dir, "--distributed", "--num-processes", 2),
+                                        "coordinator"),
     }[case]
     status, out, err = run(capsys, *argv)
     assert status == 2
