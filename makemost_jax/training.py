@@ -38,12 +38,12 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import inspect
 import json
 import math
 import os
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -538,7 +538,9 @@ def _close_abandoned_reads():
     exit) and Python prints that as an ignored exception: noise after the clear warning.
     """
     for obj in gc.get_objects():
-        if inspect.iscoroutine(obj) and obj.__qualname__ == "_read_array_index_and_device_put":
+        # type() rather than isinstance(): no attribute access on arbitrary objects (some
+        # proxies, e.g. deprecated torch names, warn when their __class__ is read).
+        if type(obj) is types.CoroutineType and obj.__qualname__ == "_read_array_index_and_device_put":
             try:
                 obj.close()
             except Exception:  # noqa: BLE001 - Orbax re-raises GeneratorExit as a plain Exception

@@ -246,7 +246,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, how):
     data = PatternData()
     with pytest.warns(UserWarning) as caught:
         state, history = train(cfg, tiny_params(), data)
-    messages = [str(w.message) for w in caught]
+    messages = [str(w.message) for w in caught if "checkpoint" in str(w.message)]  # ours, not libraries'
     assert messages[0].startswith(f"checkpoint {tmp_path / '6'} could not be restored"), messages
     if how == "flip":  # Orbax reads the flipped bytes without complaint; the saved checksums catch them
         assert "does not match the checksum saved with it" in messages[0]
