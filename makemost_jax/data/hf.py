@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from makemost_jax.data.sources import Fields, _check_fields, _check_index, select_fields
+from makemost_jax.data.sources import Fields, RecordsSource, _check_fields
 from makemost_jax.errors import ConfigError, InputError
 
 __all__ = ["HFDatasetSource"]
@@ -35,7 +35,7 @@ def _import_datasets():
     return datasets
 
 
-class HFDatasetSource:
+class HFDatasetSource(RecordsSource):
     """A Hugging Face dataset split as a `DocumentSource`.
 
     `dataset` is a `datasets.Dataset`, a `datasets.DatasetDict` (then `split` picks one)
@@ -78,13 +78,6 @@ class HFDatasetSource:
         if len(dataset) == 0:
             raise InputError(f"{self!r} is empty; choose another split")
         self._data = dataset
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _check_index(index, len(self), repr(self))
-        return select_fields(self._data[i], self.fields, f"{self!r}[{i}]")
 
     def __repr__(self) -> str:
         return f"HFDatasetSource({self.name!r}, split={self.split!r}, fields={self.fields!r})"

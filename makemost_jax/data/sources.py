@@ -115,6 +115,21 @@ def _check_index(index: Any, n: int, where: str) -> int:
     return i
 
 
+class RecordsSource:
+    """Base of the adapters over a random-access record store (`self._data`), whose
+    records pass through `select_fields(record, self.fields)`."""
+
+    _data: Any
+    fields: Fields
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _check_index(index, len(self), repr(self))
+        return select_fields(self._data[i], self.fields, f"{self!r}[{i}]")
+
+
 class TextFiles:
     """Plain-text documents: a file is one document, a folder is its `*.txt` files (sorted).
 

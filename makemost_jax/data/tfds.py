@@ -23,9 +23,8 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
-from makemost_jax.data.sources import Fields, _check_fields, _check_index, select_fields
+from makemost_jax.data.sources import Fields, RecordsSource, _check_fields
 from makemost_jax.errors import ConfigError, InputError
 
 __all__ = ["TfdsSource"]
@@ -55,7 +54,7 @@ def _register_text_builders() -> None:
             continue  # a package whose own dependencies are missing; its builders stay unavailable
 
 
-class TfdsSource:
+class TfdsSource(RecordsSource):
     """A TFDS split as a `DocumentSource`, through `tfds.data_source` (ArrayRecord, random access).
 
     `name` is a TFDS builder name with an optional config (`"glue/sst2"`), `split` a TFDS
@@ -106,13 +105,6 @@ class TfdsSource:
                 f"{type(e).__name__}: {e}. Prepare it first with `tfds build {name} --file_format=array_record` "
                 "(needs the network, and TensorFlow for some builders) or pass the data_dir that holds it"
             ) from e
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _check_index(index, len(self), repr(self))
-        return select_fields(self._data[i], self.fields, f"{self!r}[{i}]")
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, fields={self.fields!r})"
