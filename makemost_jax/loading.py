@@ -36,7 +36,11 @@ def _dtype(dtype):
 
 
 def read_checkpoint(source: str | None) -> tuple[dict, dict]:
-    """(HF config dict, HF-named tensors) for any source `load` accepts."""
+    """(HF config dict, HF-named tensors) for any source `load` accepts.
+
+    Example:
+        >>> # config, tensors = read_checkpoint(None)   # the embedded GGUF, HF names
+    """
     from makemost_jax.checkpoints.gguf import default_gguf_path, read_gguf
     from makemost_jax.checkpoints.hf import read_hf_checkpoint
 

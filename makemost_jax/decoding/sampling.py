@@ -85,7 +85,11 @@ def prefill(params: Params, prompts_BT, mask_BT, cache_size: int) -> tuple[KVCac
 
 
 def decode_step(params: Params, cache: KVCache, tokens_B) -> tuple[KVCache, jax.Array]:
-    """Feed one token per row; returns (cache, next-token logits (B, V))."""
+    """Feed one token per row; returns (cache, next-token logits (B, V)).
+
+    Example:
+        >>> # cache, logits_BV = decode_step(params, cache, jnp.argmax(logits_BV, -1))
+    """
     out = forward(params, tokens_B[:, None], cache=cache)
     return out.cache, out.logits[:, 0]
 

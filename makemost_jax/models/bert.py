@@ -28,7 +28,11 @@ from makemost_jax.models.layers import activation, init_block_weights, norm, nor
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random BERT weights (with an MLM head when `cfg.has_lm_head`)."""
+    """Random BERT weights (with an MLM head when `cfg.has_lm_head`).
+
+    Example:
+        >>> # init_weights(cfg, jax.random.key(0))["mlm_head"]["bias"].shape == (V,)
+    """
     k_tok, k_pos, k_type, k_blocks, k_head = jax.random.split(key, 5)
     d = cfg.d_model
     weights = {
@@ -51,7 +55,11 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
 
 
 def default_positions(cfg: ModelConfig, tokens_BT, mask_BT):
-    """BERT counts 0..T-1; RoBERTa counts real tokens from padding_idx + 1, padding at padding_idx."""
+    """BERT counts 0..T-1; RoBERTa counts real tokens from padding_idx + 1, padding at padding_idx.
+
+    Example:
+        >>> # default_positions(roberta_cfg, jnp.array([[0, 5, 1]]), None).tolist() == [[2, 3, 1]]
+    """
     if cfg.position_offset == 0:
         return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     real = (tokens_BT != cfg.pad_token_id).astype(jnp.int32)
@@ -59,7 +67,11 @@ def default_positions(cfg: ModelConfig, tokens_BT, mask_BT):
 
 
 def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
-    """Word + position + token-type embeddings, then LayerNorm."""
+    """Word + position + token-type embeddings, then LayerNorm.
+
+    Example:
+        >>> # x_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types_BT)
+    """
     e = weights["embed"]
     types = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
     x = e["tokens"][tokens_BT] + e["positions"][positions_BT] + e["types"][types]
@@ -67,7 +79,11 @@ def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_
 
 
 def head(cfg: ModelConfig, weights: dict, x_BTD):
-    """MLM head; returns (float32 logits or None, final states)."""
+    """MLM head; returns (float32 logits or None, final states).
+
+    Example:
+        >>> # logits_BTV, x_BTD = head(cfg, weights, x_BTD)
+    """
     if not cfg.has_lm_head:
         return None, x_BTD
     h = weights["mlm_head"]
@@ -131,12 +147,21 @@ def _rename(name: str) -> str:
 
 
 def has_mlm_head(tensors: dict) -> bool:
-    """Whether a BERT/RoBERTa state dict carries a masked-LM head."""
+    """Whether a BERT/RoBERTa state dict carries a masked-LM head.
+
+    Example:
+        >>> has_mlm_head({"cls.predictions.bias": None}), has_mlm_head({"pooler.dense.bias": None})
+        (True, False)
+    """
     return any(_rename(n).startswith("head.") for n in tensors)
 
 
 def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
-    """Map a Hugging Face BERT/RoBERTa (MaskedLM or bare) state dict."""
+    """Map a Hugging Face BERT/RoBERTa (MaskedLM or bare) state dict.
+
+    Example:
+        >>> # weights = weights_from_hf(cfg, read_hf_checkpoint(minilm_dir)[1])
+    """
     tensors = {_rename(k): v for k, v in tensors.items()}
     expected = mapping.expected_shapes(init_weights, cfg)
     return mapping.assemble(tensors, _ENTRIES, expected, cfg.n_layers, dtype=dtype,

@@ -30,6 +30,9 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32,
     """Random decoder weights (normal(0.02) embeddings, Flax default block init).
 
     Shared by the Llama family, which has no learned position table.
+
+    Example:
+        >>> # weights = init_weights(cfg, jax.random.key(0)); weights["embed"]["positions"].shape == (P, D)
     """
     k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
     weights = {
@@ -45,12 +48,20 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32,
 
 
 def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
-    """Token plus learned position embeddings."""
+    """Token plus learned position embeddings.
+
+    Example:
+        >>> # x_BTD = embed(cfg, weights, tokens_BT, positions_BT)
+    """
     return weights["embed"]["tokens"][tokens_BT] + weights["embed"]["positions"][positions_BT]
 
 
 def head(cfg: ModelConfig, weights: dict, x_BTD):
-    """Final LayerNorm and output projection; returns (float32 logits, normed states)."""
+    """Final LayerNorm and output projection; returns (float32 logits, normed states).
+
+    Example:
+        >>> # logits_BTV, final_BTD = head(cfg, weights, x_BTD)
+    """
     x_BTD = norm(cfg, weights["final_norm"], x_BTD)
     if cfg.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x_BTD, weights["embed"]["tokens"],
@@ -82,7 +93,11 @@ _ENTRIES = [
 
 
 def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
-    """Map a Hugging Face GPT-2 state dict (with or without the `transformer.` prefix)."""
+    """Map a Hugging Face GPT-2 state dict (with or without the `transformer.` prefix).
+
+    Example:
+        >>> # weights = weights_from_hf(cfg, {k: v.numpy() for k, v in hf_model.state_dict().items()})
+    """
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     head_weight = tensors.pop("lm_head.weight", None)
     for i in range(cfg.n_layers):

@@ -47,12 +47,23 @@ _ACTIVATIONS = {
 
 
 def activation(name: str):
-    """The activation function called `name` (HF names, normalised by the config)."""
+    """The activation function called `name` (HF names, normalised by the config).
+
+    Example:
+        >>> float(activation("relu")(jnp.array(-1.0)))
+        0.0
+    """
     return _ACTIVATIONS[name]
 
 
 def apply_norm(x, scale, bias, eps: float):
-    """LayerNorm (with `bias`) or RMSNorm (`bias=None`), statistics in float32."""
+    """LayerNorm (with `bias`) or RMSNorm (`bias=None`), statistics in float32.
+
+    Example:
+        >>> y = apply_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), None, 0.0)  # x / rms(x)
+        >>> [round(float(v), 3) for v in y[0]]
+        [0.849, 1.131]
+    """
     x32 = x.astype(jnp.float32)
     if bias is None:
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -75,17 +86,29 @@ class Norm(nnx.Module):
 
 
 def norm_weights(cfg: ModelConfig, width: int) -> dict:
-    """Fresh weights of a `Norm` (ones, zeros), for the norms outside the blocks."""
+    """Fresh weights of a `Norm` (ones, zeros), for the norms outside the blocks.
+
+    Example:
+        >>> # norm_weights(cfg, 768) == {"scale": ones(768), "bias": zeros(768)} for LayerNorm
+    """
     return _to_pure_dict(nnx.split(Norm(cfg, width))[1])
 
 
 def norm(cfg: ModelConfig, weights: dict, x):
-    """Apply a `Norm` given its weights dict (for the norms outside the blocks)."""
+    """Apply a `Norm` given its weights dict (for the norms outside the blocks).
+
+    Example:
+        >>> # x_BTD = norm(cfg, weights["final_norm"], x_BTD)
+    """
     return apply_norm(x, weights["scale"], weights.get("bias"), cfg.norm_eps)
 
 
 def rotary_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Per-pair rotary frequencies (K/2,), with linear or Llama-3 scaling applied."""
+    """Per-pair rotary frequencies (K/2,), with linear or Llama-3 scaling applied.
+
+    Example:
+        >>> # rotary_inverse_frequencies(cfg).shape == (cfg.head_dim // 2,)
+    """
     k = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     scaling = dict(cfg.rope_scaling or ())
@@ -105,7 +128,13 @@ def rotary_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate query/key heads by position (HF's rotate-half convention), in float32."""
+    """Rotate query/key heads by position (HF's rotate-half convention), in float32.
+
+    Example:
+        >>> x = jnp.ones((1, 1, 1, 4))
+        >>> apply_rotary(x, jnp.zeros((1, 1), int), jnp.ones(2)).tolist()  # position 0: unchanged
+        [[[[1.0, 1.0, 1.0, 1.0]]]]
+    """
     angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
     angles_BTK = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles_BTK), jnp.sin(angles_BTK)

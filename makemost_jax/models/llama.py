@@ -29,12 +29,20 @@ __all__ = ["init_weights", "embed", "head", "weights_from_hf"]
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random Llama weights: GPT-2's layout without the learned position table."""
+    """Random Llama weights: GPT-2's layout without the learned position table.
+
+    Example:
+        >>> # init_weights(cfg, jax.random.key(0))["layers"]["mlp"]["gate"]["kernel"].shape == (L, D, F)
+    """
     return gpt2.init_weights(cfg, key, dtype, learned_positions=False)
 
 
 def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
-    """Token embeddings only: positions enter through rotary attention."""
+    """Token embeddings only: positions enter through rotary attention.
+
+    Example:
+        >>> # x_BTD = embed(cfg, weights, tokens_BT, positions_BT)
+    """
     return weights["embed"]["tokens"][tokens_BT]
 
 
@@ -52,7 +60,11 @@ _ENTRIES = [
 
 
 def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
-    """Map a Hugging Face Llama state dict; a tied head's stored copy is dropped."""
+    """Map a Hugging Face Llama state dict; a tied head's stored copy is dropped.
+
+    Example:
+        >>> # weights = weights_from_hf(cfg, read_hf_checkpoint("SmolLM2-135M")[1])
+    """
     tensors = dict(tensors)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)

@@ -57,6 +57,9 @@ def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expect
     `expected` is the abstract weights tree (`jax.eval_shape` of the family's init);
     `ignored` lists HF names (or `{i}` templates) that may be present and are dropped
     on purpose (e.g. GPT-2's causal-mask buffers).
+
+    Example:
+        >>> # weights = assemble(tensors, _ENTRIES, expected_shapes(init_weights, cfg), cfg.n_layers)
     """
     used: set[str] = set()
     weights: dict = {}
@@ -110,5 +113,9 @@ def _missing(tree, path):
 
 
 def expected_shapes(init_fn, cfg):
-    """The abstract weights tree of `init_fn(cfg, key)` without allocating it."""
+    """The abstract weights tree of `init_fn(cfg, key)` without allocating it.
+
+    Example:
+        >>> # expected_shapes(gpt2.init_weights, cfg)["embed"]["tokens"].shape == (V, D)
+    """
     return jax.eval_shape(lambda: init_fn(cfg, jax.random.key(0)))

@@ -159,8 +159,9 @@ def token_logprobs(logits_BTV, targets_BT):
 
     Example:
         >>> import jax.numpy as jnp
-        >>> token_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]])).round(3).tolist()
-        [[-1.386, -1.386]]
+        >>> logp = token_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]]))  # uniform over 4
+        >>> [round(float(v), 3) for v in logp[0]]
+        [-1.386, -1.386]
     """
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
