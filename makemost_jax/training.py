@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -517,7 +518,7 @@ def restore_latest(manager, like: TrainState, mesh=None):
             failures.append((path, reason))
             warnings.warn(f"checkpoint {path} could not be restored, it is damaged or incomplete ({reason}); "
                           "trying the previous checkpoint", stacklevel=2)
-            _close_abandoned_reads()
+            _close_abandoned_reads(path)
         else:
             if failures:
                 _move_aside([p for p, _ in failures])
@@ -531,20 +532,24 @@ def restore_latest(manager, like: TrainState, mesh=None):
     return None
 
 
-def _close_abandoned_reads():
-    """Close the array reads Orbax leaves suspended when a restore fails.
+def _close_abandoned_reads(path: str):
+    """Close what Orbax leaves behind when a restore of `path` fails.
 
-    Left alone, each one raises from its `close()` whenever it is collected (often at
-    exit) and Python prints that as an ignored exception: noise after the clear warning.
+    Its other pending array reads stay suspended, and their futures hold errors nobody
+    reads; left alone, Python and asyncio print each when it is collected (often at
+    exit), as noise after the clear warning above.
     """
     for obj in gc.get_objects():
         # type() rather than isinstance(): no attribute access on arbitrary objects (some
         # proxies, e.g. deprecated torch names, warn when their __class__ is read).
-        if type(obj) is types.CoroutineType and obj.__qualname__ == "_read_array_index_and_device_put":
+        kind = type(obj)
+        if kind is types.CoroutineType and obj.__qualname__ == "_read_array_index_and_device_put":
             try:
                 obj.close()
             except Exception:  # noqa: BLE001 - Orbax re-raises GeneratorExit as a plain Exception
                 pass
+        elif kind is asyncio.Future and obj.done() and not obj.cancelled() and path in str(obj.exception()):
+            pass  # calling exception() marks the error as seen
 
 
 def _move_aside(paths: list[str]):
