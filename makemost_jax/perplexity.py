@@ -269,9 +269,7 @@ def perplexity_of_text(params: Params, tokenizer, text: str, context: int | None
         >>> # r = perplexity_of_text(mm.load(), mm.load_tokenizer(), open("book.txt").read())
         >>> # r.ppl, r.word_ppl
     """
-    ids = list(tokenizer.encode(text))
-    if tokenizer.add_bos and tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids
+    ids = tokenizer.encode_for_model(text)
     n_words = len(text.split())
     if n_words == 0:
         raise InputError(f"text is shorter than 2 tokens: it has no words ({len(text)} characters, "

@@ -143,6 +143,16 @@ class Tokenizer:
             raise InputError(f"encode() takes a str, got {type(text).__name__}; pass the text itself")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_for_model(self, text: str) -> list[int]:
+        """Token ids of `text` as the model reads a sequence: BOS first when `add_bos`.
+
+        Example:
+            >>> load_tokenizer().encode_for_model("Hello")  # doctest: +SKIP
+            [19556]
+        """
+        ids = self.encode(text)
+        return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
+
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of each text (unpadded, in parallel).
 

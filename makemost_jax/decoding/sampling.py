@@ -207,9 +207,7 @@ def generate_text(params: Params, tokenizer, prompts: Sequence[str], max_new_tok
     """
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = list(tokenizer.encode(prompt))
-        if tokenizer.add_bos and tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id] + ids
+        ids = tokenizer.encode_for_model(prompt)
         if not ids:
             raise InputError(f"prompt {i + 1} is empty; give some text to continue")
         rows.append(ids)
