@@ -168,8 +168,8 @@ class Attention(nnx.Module):
         if k_BSGK is None or attend_BTS is None:  # encoder or fresh prefill: attend to the input
             k_BSGK, v_BSGK = k_BTGK, v_BTGK
         else:
-            k_BSGK = jax.lax.dynamic_update_slice(k_BSGK, k_BTGK.astype(k_BSGK.dtype), (0, fill, 0, 0))
-            v_BSGK = jax.lax.dynamic_update_slice(v_BSGK, v_BTGK.astype(v_BSGK.dtype), (0, fill, 0, 0))
+            k_BSGK = jax.lax.dynamic_update_slice_in_dim(k_BSGK, k_BTGK.astype(k_BSGK.dtype), fill, 1)
+            v_BSGK = jax.lax.dynamic_update_slice_in_dim(v_BSGK, v_BTGK.astype(v_BSGK.dtype), fill, 1)
         if cfg.scale_attn_by_inverse_layer_idx:
             q_BTHK = q_BTHK / (layer_index + 1).astype(q_BTHK.dtype)
         scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0

@@ -124,7 +124,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
             counts_BT = jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
             positions = jnp.maximum(cache.next_position[:, None] + counts_BT, 0)
         _check_positions(cfg, positions)
-        valid_BS = jax.lax.dynamic_update_slice(cache.valid, mask_BT, (0, cache.fill))
+        valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BT, cache.fill, 1)
         slot_S = jnp.arange(cache.size)
         query_slot_T = cache.fill + jnp.arange(t)
         attend_BTS = None if plain_causal else (
