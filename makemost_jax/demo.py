@@ -1,8 +1,8 @@
 """The `makemost demo` tour.
 
 `run_demo` loads the embedded SmolLM2-135M-Instruct model, scores the two bundled text
-samples and generates from a few short prompts, all offline and in well under two
-minutes on a 2-core CPU.
+samples, generates from a few short prompts and reads the Austen sample with
+hidden-state optimisation, all offline and in about a minute on a 2-core CPU.
 
 Example:
     >>> from makemost_jax.demo import run_demo
@@ -17,6 +17,7 @@ import time
 
 from makemost_jax.assets import SAMPLES, read_sample
 from makemost_jax.decoding import generate_text
+from makemost_jax.hso import HSOConfig, compare_on_tokens
 from makemost_jax.loading import load, load_tokenizer, model_summary
 from makemost_jax.perplexity import perplexity_of_text
 
@@ -26,7 +27,10 @@ DEMO_STRIDE = 512
 DEMO_MAX_NEW_TOKENS = 24
 GREEDY_PROMPTS = ("The capital of France is", "Jane Austen was an English novelist who")
 SAMPLED_PROMPTS = ("Once upon a time, in a small village,",)
-SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
+# HSO on the first 1025 tokens of the Austen sample: 8 segments, the cache full from the fourth on.
+DEMO_HSO = HSOConfig(segment=128, cache_size=384, lr=1e-2, sink=4)
+DEMO_HSO_TOKENS = 1025
 
 
 def _print_report(report: dict):
@@ -47,6 +51,13 @@ def _print_report(report: dict):
     for g in report["generations"]:
         print(f"[{g['mode']}] {g['prompt']}\u2192{g['completion']!r}")
     print()
+    h = report["hso"]
+    print(f"hidden-state optimisation on the austen sample ({h['hso']['n_tokens']} tokens, segment "
+          f"{DEMO_HSO.segment}, cache {DEMO_HSO.cache_size}, first {DEMO_HSO.sink} kept, lr {DEMO_HSO.lr})")
+    for key, name in (("hso", "HSO (Adam on the cached keys/values)"), ("lr0", "same loop, update off"),
+                      ("sliding", "sliding window, recomputed")):
+        print(f"  {name:38} ppl {h[key]['ppl']:7.2f}  {h[key]['seconds']:5.1f} s")
+    print()
     print(f"total {report['total_seconds']:.1f} s")
 
 
@@ -54,7 +65,8 @@ def run_demo(json: bool = False) -> dict:
     """Load the default model, score the bundled samples, generate; print unless `json`.
 
     Returns the report dict that `makemost demo --json` prints: model summary,
-    load_seconds, perplexity per sample, generations, total_seconds.
+    load_seconds, perplexity per sample, generations, hso (HSO, lr=0 and sliding-window
+    perplexity), total_seconds.
 
     Example:
         >>> # report = run_demo(json=True); report["generations"][0]["completion"]
@@ -77,8 +89,11 @@ def run_demo(json: bool = False) -> dict:
         generations.append({"mode": "sampled, " + ", ".join(f"{k}={v}" for k, v in SAMPLING.items()),
                             **g})
 
+    ids = tokenizer.encode_for_model(read_sample("austen"))[:DEMO_HSO_TOKENS]
+    hso = compare_on_tokens(params, ids, DEMO_HSO)
+
     report = {"model": model_summary(params), "load_seconds": load_seconds, "perplexity": scores,
-              "generations": generations, "total_seconds": time.perf_counter() - t0}
+              "generations": generations, "hso": hso, "total_seconds": time.perf_counter() - t0}
     if not json:
         _print_report(report)
     return report

@@ -7,6 +7,7 @@ real-model checks (perplexity and few-shot) are marked slow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -112,12 +113,12 @@ def _reference_loop(params, tokens_N, segment, cache_size, lr, beta1=0.9, beta2=
         k = jnp.stack([s["k"] for s in slots], 1) if slots else jnp.zeros((cfg.n_layers, 0, cfg.n_kv_heads,
                                                                           cfg.head_dim))
         v = jnp.stack([s["v"] for s in slots], 1) if slots else jnp.zeros_like(k)
-        (nll, new), (gk, gv) = jax.value_and_grad(lambda kk, vv: run(kk, vv, x, y, w, start), argnums=(0, 1),
-                                                  has_aux=True)(k, v)
+        seg_loss = functools.partial(run, x=x, y=y, w=w, start=start)
+        (nll, new), (gk, gv) = jax.value_and_grad(seg_loss, argnums=(0, 1), has_aux=True)(k, v)
         nlls.append(float(nll))
         for step in range(hso_steps if slots else 0):
             if step:
-                gk, gv = jax.grad(lambda kk, vv: run(kk, vv, x, y, w, start)[0], argnums=(0, 1))(k, v)
+                gk, gv = jax.grad(lambda kk, vv: seg_loss(kk, vv)[0], argnums=(0, 1))(k, v)  # noqa: B023
             for j, s in enumerate(slots):
                 s["t"] += 1
                 for name, g in (("k", gk[:, j]), ("v", gv[:, j])):
@@ -188,6 +189,20 @@ def test_offsets_equal_direct_updates():
     direct = hso_nll(params, tokens, HSOConfig(segment=8, cache_size=16, lr=3e-2, hso_steps=2))
     offsets = hso_nll(params, tokens, HSOConfig(segment=8, cache_size=16, lr=3e-2, hso_steps=2, offsets=True))
     np.testing.assert_allclose(direct.nll, offsets.nll, rtol=1e-5, atol=1e-5)
+
+
+def test_sink_keeps_the_first_tokens_cached():
+    """With sink=2 the first two tokens' states survive every eviction, with their Adam counts."""
+    params = _params("llama")
+    segments = lm_segments(_tokens(1, 41, seed=10), np.array([41]), 8)
+    hyper = HSOConfig(lr=1e-2).hyper()
+    _, _, state = run_segments(params, segments, hyper, cache_size=12, update=False, sink=2)
+    _, _, first = run_segments(params, jax.tree.map(lambda x: x[:1], segments), hyper, cache_size=12,
+                               update=False)
+    np.testing.assert_array_equal(np.asarray(state.past[0][:, :, :2]), np.asarray(first.past[0][:, :, :2]))
+    assert int(state.fill) == 12 and bool(state.valid.all())
+    _, _, updated = run_segments(params, segments, hyper, cache_size=12, sink=2)
+    assert np.asarray(updated.adam.steps).tolist() == [4, 4] + [1] * 2 + [0] * 8  # sinks: 4 updates each
 
 
 def test_batched_texts_equal_single_texts():

@@ -12,8 +12,18 @@ Example:
 """
 
 from makemost_jax.hso.adam import AdamHyper, SlotAdamState, append_slots, init_slot_adam, slot_adam_step
-from makemost_jax.hso.lm import (HSOConfig, HSOResult, HSOState, Segments, compare_on_tokens, hso_nll,
-                                 hso_segment_step, lm_segments, run_segments, segment_nll)
+from makemost_jax.hso.lm import (
+                                 HSOConfig,
+                                 HSOResult,
+                                 HSOState,
+                                 Segments,
+                                 compare_on_tokens,
+                                 hso_nll,
+                                 hso_segment_step,
+                                 lm_segments,
+                                 run_segments,
+                                 segment_nll,
+)
 
 __all__ = ["AdamHyper", "HSOConfig", "HSOResult", "HSOState", "Segments", "SlotAdamState", "append_slots",
            "compare_on_tokens", "hso_nll", "hso_segment_step", "init_slot_adam", "lm_segments", "run_segments",

@@ -42,7 +42,7 @@ class SlotAdamState:
     m: object  # pytree like the optimised states: first moments
     v: object  # second moments
     steps: jax.Array  # (S,) int32: updates each slot has received
-    slot_axis: int = dataclasses.field(metadata=dict(static=True))
+    slot_axis: int = dataclasses.field(metadata={"static": True})
 
 
 def init_slot_adam(states, slot_axis: int) -> SlotAdamState:
@@ -103,14 +103,18 @@ def slot_adam_step(states, grads, opt: SlotAdamState, fill, hyper: AdamHyper):
     return new_states, dataclasses.replace(opt, m=m, v=v, steps=steps_S)
 
 
-def append_slots(buffer, new, fill, slot_axis: int):
+def append_slots(buffer, new, fill, slot_axis: int, keep_first: int = 0):
     """Write `new` (N slots) after the `fill` slots of `buffer` (S slots); keep the last S.
 
     Returns the new buffer (S slots, oldest first). The new fill is min(fill + N, S).
+    `keep_first` slots at the start are never evicted (attention sinks): eviction then
+    drops the oldest slots after them.
 
     Example:
         >>> append_slots(jnp.array([1, 2, 3, 0]), jnp.array([7, 8]), fill=3, slot_axis=0).tolist()
         [2, 3, 7, 8]
+        >>> append_slots(jnp.array([1, 2, 3, 0]), jnp.array([7, 8]), fill=3, slot_axis=0, keep_first=1).tolist()
+        [1, 3, 7, 8]
     """
     size, n_new = buffer.shape[slot_axis], new.shape[slot_axis]
     pad = [(0, 0)] * buffer.ndim
@@ -118,10 +122,13 @@ def append_slots(buffer, new, fill, slot_axis: int):
     joined = jax.lax.dynamic_update_slice_in_dim(jnp.pad(buffer, pad), new.astype(buffer.dtype), fill,
                                                  slot_axis)
     evicted = jnp.maximum(fill + n_new - size, 0)
-    return jax.lax.dynamic_slice_in_dim(joined, evicted, size, slot_axis)
+    rest = jax.lax.dynamic_slice_in_dim(joined, keep_first + evicted, size - keep_first, slot_axis)
+    if not keep_first:
+        return rest
+    return jnp.concatenate([jax.lax.slice_in_dim(joined, 0, keep_first, axis=slot_axis), rest], axis=slot_axis)
 
 
-def append_adam_slots(opt: SlotAdamState, n_new: int, fill) -> SlotAdamState:
+def append_adam_slots(opt: SlotAdamState, n_new: int, fill, keep_first: int = 0) -> SlotAdamState:
     """Moments and counts for `n_new` fresh slots (zeros), evicted like their states.
 
     Example:
@@ -133,7 +140,7 @@ def append_adam_slots(opt: SlotAdamState, n_new: int, fill) -> SlotAdamState:
     def fresh(x):
         shape = list(x.shape)
         shape[opt.slot_axis] = n_new
-        return append_slots(x, jnp.zeros(shape, x.dtype), fill, opt.slot_axis)
+        return append_slots(x, jnp.zeros(shape, x.dtype), fill, opt.slot_axis, keep_first)
 
     return dataclasses.replace(opt, m=jax.tree.map(fresh, opt.m), v=jax.tree.map(fresh, opt.v),
-                               steps=append_slots(opt.steps, jnp.zeros((n_new,), jnp.int32), fill, 0))
+                               steps=append_slots(opt.steps, jnp.zeros((n_new,), jnp.int32), fill, 0, keep_first))

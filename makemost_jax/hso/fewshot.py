@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -134,9 +133,8 @@ def demonstration_segments(tokenizer, demos: Sequence[dict], fmt: PromptFormat, 
     return Segments(inputs=inputs, targets=targets, weights=weights, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("n_queries",))
-def _label_logprobs(params: Params, cache: KVCache, inputs_QT, mask_QT, targets_JQT, weights_JQT, *,
-                    n_queries: int):
+@jax.jit
+def _label_logprobs(params: Params, cache: KVCache, inputs_QT, mask_QT, targets_JQT, weights_JQT):
     """Sum of weighted target log-probs (J, Q) for queries read after the shared cache.
 
     The cache (batch 1) is broadcast to the Q rows and extended by T slots.
@@ -153,7 +151,7 @@ def _label_logprobs(params: Params, cache: KVCache, inputs_QT, mask_QT, targets_
                    next_position=jnp.broadcast_to(cache.next_position, (q,)))
     logp_QTV = jax.nn.log_softmax(forward(params, inputs_QT, cache=rows, mask=mask_QT).logits, axis=-1)
     logp_JQT = jnp.take_along_axis(logp_QTV[None], targets_JQT[..., None], axis=-1)[..., 0]
-    return jnp.sum(logp_JQT * weights_JQT, axis=-1)[:, :n_queries]
+    return jnp.sum(logp_JQT * weights_JQT, axis=-1)
 
 
 def label_logprobs(params: Params, tokenizer, cache: KVCache, texts: Sequence[str], fmt: PromptFormat) -> np.ndarray:
@@ -173,14 +171,18 @@ def label_logprobs(params: Params, tokenizer, cache: KVCache, texts: Sequence[st
     # Groups of (label indices, continuation tokens appended to the query before scoring).
     groups = [(list(range(len(label_ids))), [])] if shared else \
         [([j], ids[:-1]) for j, ids in enumerate(label_ids)]
-    width = _bucket(max(len(q) for q in queries) + max(len(ids) for ids in label_ids) - 1)
+    extra_tokens = max(len(ids) for ids in label_ids) - 1
+    order = np.argsort([len(q) for q in queries], kind="stable")  # similar lengths share a batch: less padding
     out = np.zeros((len(texts), len(label_ids)))
-    for first in range(0, len(texts), QUERY_BATCH):
-        chunk = queries[first:first + QUERY_BATCH]
+    batch = min(QUERY_BATCH, len(texts))
+    for first in range(0, len(texts), batch):
+        rows_in_chunk = order[first:first + batch]
+        chunk = [queries[i] for i in rows_in_chunk]
+        width = _bucket(max(len(q) for q in chunk) + extra_tokens)
         for js, extra in groups:
-            inputs = np.zeros((QUERY_BATCH, width), np.int32)
+            inputs = np.zeros((batch, width), np.int32)
             mask = np.zeros_like(inputs, dtype=bool)
-            targets = np.zeros((len(js), QUERY_BATCH, width), np.int32)
+            targets = np.zeros((len(js), batch, width), np.int32)
             weights = np.zeros(targets.shape, np.float32)
             for r, query in enumerate(chunk):
                 row = query + extra
@@ -191,8 +193,8 @@ def label_logprobs(params: Params, tokenizer, cache: KVCache, texts: Sequence[st
                     for n, token in enumerate(label_ids[j]):
                         targets[g, r, len(query) - 1 + n] = token
                         weights[g, r, len(query) - 1 + n] = 1.0
-            scores = _label_logprobs(params, cache, inputs, mask, targets, weights, n_queries=QUERY_BATCH)
-            out[first:first + len(chunk), js] = np.asarray(scores).T[:len(chunk)]
+            scores = _label_logprobs(params, cache, inputs, mask, targets, weights)
+            out[np.ix_(rows_in_chunk, js)] = np.asarray(scores).T[:len(chunk)]
     return out
 
 

@@ -43,8 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.hso.adam import (AdamHyper, SlotAdamState, append_adam_slots, append_slots,
-                                   init_slot_adam, slot_adam_step)
+from makemost_jax.hso.adam import (
+    AdamHyper,
+    SlotAdamState,
+    append_adam_slots,
+    append_slots,
+    init_slot_adam,
+    slot_adam_step,
+)
 from makemost_jax.models.cache import KVCache, init_cache
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
@@ -60,6 +66,9 @@ class HSOConfig:
 
     `offsets=True` optimises additive offsets to the cached states instead of the
     states themselves: the same update mathematically, kept for clarity of the API.
+    `sink` > 0 never evicts the first `sink` cached tokens (our extension, after the
+    "attention sinks" of StreamingLLM, Xiao et al. 2023): models trained with a BOS-like
+    first token lose much of their accuracy once it leaves the cache.
 
     Example:
         >>> HSOConfig(segment=64, cache_size=192, lr=3e-3).hyper().lr
@@ -75,6 +84,7 @@ class HSOConfig:
     hso_steps: int = 1
     recompute: bool = True
     offsets: bool = False
+    sink: int = 0
 
     def hyper(self) -> AdamHyper:
         return AdamHyper(self.lr, self.beta1, self.beta2, self.eps)
@@ -93,6 +103,8 @@ class HSOConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.sink, (int, np.integer)) or not 0 <= self.sink < self.cache_size:
+            raise ConfigError(f"sink={self.sink!r} must be an integer in [0, cache_size={self.cache_size})")
         if self.segment + self.cache_size > cfg.max_positions:
             raise ConfigError(f"segment={self.segment} + cache_size={self.cache_size} exceeds the model's "
                               f"context of {cfg.max_positions} tokens; make them add up to at most that")
@@ -188,7 +200,7 @@ def _effective(state: HSOState, past):
 
 
 def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: AdamHyper, *,
-                     hso_steps: int = 1, recompute: bool = True):
+                     hso_steps: int = 1, recompute: bool = True, sink: int = 0):
     """Score one segment, update the past (when `state.adam` is set), append the segment.
 
     Returns (new state, nll_B, finite) where `finite` says the NLL and the updated
@@ -215,24 +227,26 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
     finite = jnp.all(jnp.isfinite(nll_B)) & jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in past]))
 
     s = seg.inputs.shape[1]
+    append = functools.partial(append_slots, fill=state.fill, slot_axis=SLOT_AXIS, keep_first=sink)
     if state.base is None:
-        past = tuple(append_slots(x, n, state.fill, SLOT_AXIS) for x, n in zip(past, new_kv))
+        past = tuple(append(x, n) for x, n in zip(past, new_kv))
         base = None
     else:  # new slots: the fresh states as base, zero offsets
-        base = tuple(append_slots(x, n, state.fill, SLOT_AXIS) for x, n in zip(state.base, new_kv))
-        past = tuple(append_slots(x, jnp.zeros_like(n), state.fill, SLOT_AXIS) for x, n in zip(past, new_kv))
+        base = tuple(append(x, n) for x, n in zip(state.base, new_kv))
+        past = tuple(append(x, jnp.zeros_like(n)) for x, n in zip(past, new_kv))
     new_state = HSOState(
         past=tuple(constrain(x, KV_AXES) for x in past), base=base,
-        valid=append_slots(state.valid, seg.mask, state.fill, 1),
+        valid=append_slots(state.valid, seg.mask, state.fill, 1, sink),
         fill=jnp.minimum(state.fill + s, state.valid.shape[1]),
         next_position=state.next_position + seg.mask.sum(1, dtype=jnp.int32),
-        adam=None if adam is None else append_adam_slots(adam, s, state.fill))
+        adam=None if adam is None else append_adam_slots(adam, s, state.fill, sink))
     return new_state, nll_B, finite
 
 
-@functools.partial(jax.jit, static_argnames=("cache_size", "hso_steps", "recompute", "offsets", "update"))
+@functools.partial(jax.jit, static_argnames=("cache_size", "hso_steps", "recompute", "offsets", "update", "sink"))
 def run_segments(params: Params, segments: Segments, hyper: AdamHyper, *, cache_size: int,
-                 hso_steps: int = 1, recompute: bool = True, offsets: bool = False, update: bool = True):
+                 hso_steps: int = 1, recompute: bool = True, offsets: bool = False, update: bool = True,
+                 sink: int = 0):
     """The whole segment loop in one `lax.scan`; returns (nll_KB, finite_K, final state).
 
     Example:
@@ -243,7 +257,7 @@ def run_segments(params: Params, segments: Segments, hyper: AdamHyper, *, cache_
 
     def body(state, seg):
         state, nll_B, finite = hso_segment_step(params, state, seg, hyper, hso_steps=hso_steps,
-                                                recompute=recompute)
+                                                recompute=recompute, sink=sink)
         return state, (nll_B, finite)
 
     state, (nll_KB, finite_K) = jax.lax.scan(body, state, segments)
@@ -369,7 +383,7 @@ def hso_nll(params: Params, tokens, config: HSOConfig, lengths=None, *, update: 
     compiled_before = run_segments._cache_size()
     nll_KB, finite_K, _ = run_segments(params, segments, config.hyper(), cache_size=config.cache_size,
                                        hso_steps=config.hso_steps, recompute=config.recompute,
-                                       offsets=config.offsets, update=update)
+                                       offsets=config.offsets, update=update, sink=config.sink)
     nll_KB, finite_K = np.asarray(nll_KB, np.float64), np.asarray(finite_K)
     seconds = time.perf_counter() - t0
     raise_if_not_finite(finite_K, config.segment)

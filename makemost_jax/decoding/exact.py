@@ -1,0 +1,376 @@
+"""Exact mode search: branch and bound over output prefixes (after Stahlberg & Byrne 2019).
+
+A prefix's log-probability only falls as it grows, so a prefix whose score is not above
+the best complete score found so far can be dropped without losing the optimum, in any
+expansion order. Three searches share one loop:
+
+- `exact_mode(..., length=None)`: the unconditional mode, argmax over y (at most
+  `max_length` tokens) of log p(y, EOS | prompt);
+- `exact_mode(..., length=L)`: the mode among outputs of exactly L tokens;
+- `exact_length_modes(...)`: the modes at every length 0..max_length at once, with one
+  bound per length; a prefix of length l is pruned against the smallest bound over the
+  lengths >= l it can still reach.
+
+The frontier lives on the host (one heap per prefix length). Each model call evaluates
+a fixed-size batch of `batch_size` frontier prefixes: the prompt is prefilled once into a
+KV cache, and every prefix is recomputed from its tokens (padded to `max_length`) on a
+copy of that cache. No per-node cache is stored, and the shapes depend only on
+(batch_size, max_length, prompt bucket of 32), so one compilation serves a whole search
+and every exact length. A call returns log p(EOS) and the `children` most likely other
+tokens of each prefix; when all of them survive pruning the prefix goes back into the
+frontier as a continuation that yields the next `children` tokens later, in the order
+(log-prob desc, token id asc) of its recomputed distribution (recomputing a row with the
+same shapes gives the same numbers wherever it sits in the batch). The bounds start from
+beam search (`seed_beams` wide; for a given length, with EOS forbidden before it). A node
+budget stops the search; results then carry `proved_optimal=False`.
+
+Dimensions: E prefixes per call, W prefix width, V vocabulary, C children per prefix.
+
+Example:
+    >>> import jax
+    >>> from makemost_jax.models import from_hf_config, init_params
+    >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+    ...                       "n_head": 2, "vocab_size": 6, "n_positions": 32})
+    >>> params = init_params(cfg, jax.random.key(0))
+    >>> mode = exact_mode(params, [1, 2], eos_id=0, max_length=3)
+    >>> mode.proved_optimal, mode.length == len(mode.tokens)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from makemost_jax.decoding.beam import beam_search
+from makemost_jax.decoding.sampling import pad_prompts, prefill
+from makemost_jax.errors import ConfigError, InputError
+from makemost_jax.models.cache import KVCache
+from makemost_jax.models.model import forward
+from makemost_jax.models.types import Params
+
+ORDERS = ("depth", "best")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeResult:
+    """The best output found for one question (the unconditional mode or one length).
+
+    tokens: output ids without EOS, None when no complete output was found in the budget.
+    loglik: log p(tokens, EOS | prompt) (without the EOS term when `ends_with_eos` is
+    False, i.e. `stop_at_max_length`); -inf when nothing was found.
+    length: len(tokens) (the asked length when nothing was found).
+    proved_optimal: no unexplored prefix can beat it.
+    nodes_expanded, seconds: prefix evaluations (continuations included) and wall time
+    (compilation and the beam-search seed included) when this result was settled, or when
+    the search stopped.
+    """
+
+    tokens: tuple[int, ...] | None
+    loglik: float
+    length: int
+    proved_optimal: bool
+    nodes_expanded: int
+    seconds: float
+    ends_with_eos: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (loglik None when nothing was found).
+
+        Example:
+            >>> ModeResult((4, 2), -1.5, 2, True, 7, 0.1).to_dict()["tokens"]
+            [4, 2]
+        """
+        found = self.tokens is not None
+        return {"tokens": list(self.tokens) if found else None, "loglik": self.loglik if found else None,
+                "length": self.length, "proved_optimal": self.proved_optimal,
+                "nodes_expanded": self.nodes_expanded, "seconds": self.seconds,
+                "ends_with_eos": self.ends_with_eos}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which complete outputs count and how a prefix is pruned.
+
+    max_length: the longest output allowed. depth: the longest prefix ever evaluated (the asked
+    length in the exact-length mode). targets: lengths whose EOS completions count.
+    shared_bound: True for the unconditional mode (one bound: the best over all lengths),
+    False for per-length bounds (a prefix of length d is cut against min over targets >= d).
+    """
+
+    max_length: int
+    depth: int
+    targets: tuple[int, ...]
+    shared_bound: bool
+    stop_at_max_length: bool = False
+
+
+@functools.partial(jax.jit, static_argnames=("children", "eos_id"))
+def _expand(params: Params, cache: KVCache, root_logits_V, prefix_EW, lengths_E, after_logp_E, after_id_E,
+            *, children: int, eos_id: int):
+    """Next-token log-probs of E prefixes after the prompt.
+
+    Returns (log p(EOS) (E,), the next `children` non-EOS tokens in (log-prob desc, id asc)
+    order after the key (after_logp, after_id): values (E, C), ids (E, C)).
+    """
+    e, w = prefix_EW.shape
+    tiled = KVCache(k=jnp.repeat(cache.k, e, axis=1), v=jnp.repeat(cache.v, e, axis=1),
+                    valid=jnp.repeat(cache.valid, e, axis=0), fill=cache.fill,
+                    next_position=jnp.repeat(cache.next_position, e))
+    mask_EW = jnp.arange(w)[None] < lengths_E[:, None]
+    logits_EWV = forward(params, prefix_EW, cache=tiled, mask=mask_EW).logits
+    last_EV = jnp.take_along_axis(logits_EWV, jnp.maximum(lengths_E - 1, 0)[:, None, None], axis=1)[:, 0]
+    # The empty prefix's distribution is the prompt's own last logits.
+    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_V[None], last_EV), axis=-1)
+    ids_V = jnp.arange(logp_EV.shape[1])
+    after_EV = (logp_EV < after_logp_E[:, None]) | (
+        (logp_EV == after_logp_E[:, None]) & (ids_V[None] > after_id_E[:, None]))
+    # top_k puts the lower id first among equal values: the same order as the key above.
+    values_EC, ids_EC = jax.lax.top_k(jnp.where(after_EV & (ids_V[None] != eos_id), logp_EV, -jnp.inf), children)
+    return logp_EV[:, eos_id], values_EC, ids_EC
+
+
+_prefill = jax.jit(prefill, static_argnames=("cache_size",))
+
+
+def _beam_seeds(params: Params, prompt: list[int], plan: _Plan, eos_id: int, beams: int) -> dict:
+    """Complete outputs found by beam search: {length: (loglik, tokens, ends_with_eos)}, the starting bounds.
+
+    One search per asked length with EOS forbidden before it (min_length is not static,
+    so they share one compilation); the unconditional mode needs only min_length 0.
+    """
+    # Room for the EOS after max_length tokens, unless the context ends first; then an output
+    # that hits the limit has no EOS and counts only with stop_at_max_length.
+    steps = min(plan.max_length + 1, params.config.max_positions - len(prompt))
+    seeds: dict[int, tuple] = {}
+    if steps < 1:  # the prompt fills the context: only the empty output, found by the search itself
+        return seeds
+    for floor in (0,) if plan.shared_bound else plan.targets:
+        out = jax.device_get(beam_search(params, [prompt], beams=min(beams, params.config.vocab_size),
+                                         max_new_tokens=steps, eos_id=eos_id, min_length=floor))
+        for tokens, n, logp, finished in zip(out.tokens[0], out.lengths[0], out.logprobs[0], out.finished[0]):
+            n, ends = int(n), bool(n < steps)  # a hypothesis that hit the limit has no EOS
+            if (finished and n in plan.targets and (ends or plan.stop_at_max_length)
+                    and logp > seeds.get(n, (-math.inf,))[0]):
+                seeds[n] = (float(logp), tuple(tokens[:n].tolist()), ends)
+    return seeds
+
+
+def _validate(params: Params, prompt, eos_id, max_length: int, node_budget: int, batch_size: int, children: int,
+              order: str, seed_beams: int) -> list[int]:
+    cfg = params.config
+    if not cfg.causal:
+        raise ConfigError(f"{cfg.hf_model_type} is an encoder; exact search needs a decoder model")
+    if eos_id is None or not 0 <= eos_id < cfg.vocab_size:
+        raise ConfigError(f"eos_id={eos_id} must be a token id in [0, {cfg.vocab_size}); exact search "
+                          "scores outputs that end with EOS (pass tokenizer.eos_id)")
+    if max_length < 0:
+        raise ConfigError(f"max_length={max_length} must be >= 0")
+    if node_budget < 1:
+        raise ConfigError(f"node_budget={node_budget} must be at least 1 (the number of prefixes to expand)")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    if children < 1:
+        raise ConfigError(f"children={children} must be at least 1")
+    if seed_beams < 0:
+        raise ConfigError(f"seed_beams={seed_beams} must be >= 0 (0: no beam-search seed)")
+    if order not in ORDERS:
+        raise ConfigError(f"order={order!r} must be one of {ORDERS}")
+    prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    if not prompt:
+        raise InputError("the prompt is empty; exact search needs at least one prompt token (e.g. BOS)")
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise InputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    if len(prompt) + max_length > cfg.max_positions:
+        raise InputError(f"prompt of {len(prompt)} tokens + max_length={max_length} exceeds the model's "
+                         f"context of {cfg.max_positions}; shorten the prompt or lower max_length")
+    return prompt
+
+
+def _search(params: Params, prompt: list[int], plan: _Plan, *, eos_id: int, node_budget: int, batch_size: int,
+            children: int, order: str, seed_beams: int) -> dict[int, ModeResult]:
+    """Branch and bound; returns a ModeResult per target length (one, keyed -1, when shared_bound)."""
+    t0 = time.perf_counter()
+    n_children = min(children, params.config.vocab_size - 1)
+    last = plan.depth  # deepest prefix length
+    keys = [-1] if plan.shared_bound else list(plan.targets)
+    # best[l] = (loglik, tokens, ends_with_eos) of the best complete output of length l so far.
+    best = {l: (-math.inf, None, True) for l in range(last + 1)}
+    if seed_beams:
+        best.update(_beam_seeds(params, prompt, plan, eos_id, seed_beams))
+
+    def thresholds() -> list[float]:
+        """thresholds()[d]: what a prefix whose outputs have length >= d must beat to be expanded."""
+        if plan.shared_bound:
+            return [max(b[0] for b in best.values())] * (last + 1)
+        cuts, running = [], math.inf
+        for d in range(last, -1, -1):
+            running = min(running, best[d][0]) if d in plan.targets else running
+            cuts.append(running)
+        return cuts[::-1]
+
+    width = max(plan.max_length, 1)  # one prefix width for every call and length: one compilation
+    tokens_BT, mask_BT = pad_prompts([prompt], eos_id)
+    cache, root_logits = _prefill(params, jnp.asarray(tokens_BT), jnp.asarray(mask_BT),
+                                  cache_size=tokens_BT.shape[1] + width)
+    root_logits_V = root_logits[0]
+    # heaps[d]: entries whose outputs have length >= d, as (-bound, tiebreak, prefix, score, after_logp,
+    # after_id, emitted). A fresh prefix has after_logp=inf and bound=score; a continuation of a
+    # prefix of length d-1 sits at d with bound = score + log p of its last emitted child.
+    heaps: list[list] = [[] for _ in range(last + 1)]
+    counter = itertools.count()
+    heaps[0].append((-0.0, next(counter), (), 0.0, math.inf, -1, 0))
+    expanded = 0
+    settled: dict[int, tuple[int, float]] = {}
+
+    def alive_tops() -> list[float]:
+        """Best bound left at each depth, dropping depths whose best cannot beat their threshold."""
+        tops = []
+        for d, cut in enumerate(thresholds()):
+            if heaps[d] and -heaps[d][0][0] <= cut:
+                heaps[d].clear()  # the rest of this heap is lower still
+            tops.append(-heaps[d][0][0] if heaps[d] else -math.inf)
+        return tops
+
+    def pop(cap: int) -> list:
+        """Up to `cap` live entries, deepest first ("depth") or highest bound first ("best")."""
+        batch, tops = [], alive_tops()
+        while len(batch) < cap:
+            live = [d for d in range(last + 1) if tops[d] > -math.inf]
+            if not live:
+                break
+            d = live[-1] if order == "depth" else max(live, key=tops.__getitem__)
+            batch.append(heapq.heappop(heaps[d]))
+            tops[d] = -heaps[d][0][0] if heaps[d] else -math.inf
+        return batch
+
+    def settle():
+        """A result is settled once no frontier entry that can reach its length beats it."""
+        tops, now = alive_tops(), time.perf_counter() - t0
+        for key in keys:
+            bar = thresholds()[0] if key == -1 else best[key][0]
+            reach = tops if key == -1 else tops[:key + 1]
+            if key not in settled and not any(top > bar for top in reach):
+                settled[key] = (expanded, now)
+
+    while expanded < node_budget:
+        batch = pop(min(batch_size, node_budget - expanded))
+        if not batch:
+            break
+        expanded += len(batch)
+        prefix_EW = np.full((batch_size, width), eos_id, np.int32)
+        lengths_E = np.zeros(batch_size, np.int32)
+        after_logp_E = np.full(batch_size, np.inf, np.float32)
+        after_id_E = np.full(batch_size, -1, np.int32)
+        for i, (_, _, prefix, _, after_logp, after_id, _) in enumerate(batch):
+            prefix_EW[i, :len(prefix)] = prefix
+            lengths_E[i], after_logp_E[i], after_id_E[i] = len(prefix), after_logp, after_id
+        eos_E, values_EC, ids_EC = jax.device_get(_expand(
+            params, cache, root_logits_V, prefix_EW, lengths_E, after_logp_E, after_id_E,
+            children=n_children, eos_id=eos_id))
+        for i, (_, _, prefix, score, after_logp, _, emitted) in enumerate(batch):
+            d = len(prefix)
+            if after_logp == math.inf and d in plan.targets and score + float(eos_E[i]) > best[d][0]:
+                best[d] = (score + float(eos_E[i]), prefix, True)
+            if d == last:
+                continue
+            cut = thresholds()[d + 1]
+            values, ids = values_EC[i].tolist(), ids_EC[i].tolist()
+            for value, token in zip(values, ids):
+                child_score = score + value
+                if not child_score > cut:
+                    break
+                if plan.stop_at_max_length and d + 1 == last:
+                    best[last] = max(best[last], (child_score, prefix + (token,), False), key=lambda b: b[0])
+                else:
+                    heapq.heappush(heaps[d + 1], (-child_score, next(counter), prefix + (token,), child_score,
+                                                  math.inf, -1, 0))
+            else:  # every child passed: the next ones may too
+                if emitted + n_children < params.config.vocab_size - 1:
+                    heapq.heappush(heaps[d + 1], (-(score + values[-1]), next(counter), prefix, score,
+                                                  values[-1], ids[-1], emitted + n_children))
+        settle()
+    settle()  # also when the seed already closed the search before any expansion
+
+    total = time.perf_counter() - t0
+    results = {}
+    for key in keys:
+        length = max(best, key=lambda l: best[l][0]) if key == -1 else key
+        loglik, tokens, ends_with_eos = best[length]
+        nodes, seconds = settled.get(key, (expanded, total))
+        results[key] = ModeResult(tokens=None if tokens is None else tuple(tokens), loglik=loglik, length=length,
+                                  proved_optimal=key in settled, nodes_expanded=nodes, seconds=seconds,
+                                  ends_with_eos=ends_with_eos)
+    return results
+
+
+def exact_mode(params: Params, prompt: Sequence[int], *, eos_id: int, max_length: int = 16,
+               length: int | None = None, node_budget: int = 10_000, batch_size: int = 64,
+               children: int = 16, order: str = "depth", stop_at_max_length: bool = False,
+               seed_beams: int = 4) -> ModeResult:
+    """The most likely continuation of `prompt` (optionally among outputs of exactly `length` tokens).
+
+    Outputs are y_1..y_n followed by `eos_id`, n <= `max_length` (n == `length` when
+    given); with `stop_at_max_length`, an output that reaches `max_length` tokens without
+    EOS also counts (scored without an EOS term). The search expands at most
+    `node_budget` prefixes, `batch_size` per model call, `order` "depth" (deepest first,
+    as in Stahlberg & Byrne) or "best" (highest log-probability first); each expansion
+    passes on at most `children` tokens at a time (more follow when needed). The bound
+    starts from beam search with `seed_beams` beams (0: no seed). `proved_optimal` is
+    False when the budget ran out first.
+
+    Example:
+        >>> # mode = exact_mode(params, tok.encode_for_model("Q: 2+2?\\nA:"), eos_id=tok.eos_id,
+        >>> #                   max_length=8, node_budget=5000)
+        >>> # tok.decode(mode.tokens), mode.loglik, mode.proved_optimal
+    """
+    prompt = _validate(params, prompt, eos_id, max_length, node_budget, batch_size, children, order, seed_beams)
+    if length is not None:
+        if length < 0:
+            raise ConfigError(f"length={length} must be >= 0")
+        if length > max_length:
+            raise ConfigError(f"length={length} is larger than max_length={max_length}; raise max_length "
+                              "or ask for a shorter length")
+        if stop_at_max_length:
+            raise ConfigError("stop_at_max_length applies to the unconditional mode only; drop it or length")
+        plan = _Plan(max_length=max_length, depth=length, targets=(length,), shared_bound=False)
+    else:
+        if stop_at_max_length and max_length < 1:
+            raise ConfigError("stop_at_max_length needs max_length >= 1 (else the empty output wins with log p 0)")
+        plan = _Plan(max_length=max_length, depth=max_length, targets=tuple(range(max_length + 1)), shared_bound=True,
+                     stop_at_max_length=stop_at_max_length)
+    results = _search(params, prompt, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size,
+                      children=children, order=order, seed_beams=seed_beams)
+    return next(iter(results.values()))
+
+
+def exact_length_modes(params: Params, prompt: Sequence[int], *, eos_id: int, max_length: int = 16,
+                       node_budget: int = 10_000, batch_size: int = 64, children: int = 16,
+                       order: str = "depth", seed_beams: int = 4) -> list[ModeResult]:
+    """The mode at every output length 0..max_length, in one search (element l: length l).
+
+    One bound per length; a prefix of length l is expanded only while its log-probability
+    beats the smallest bound over lengths >= l. Each result has its own `proved_optimal`,
+    and `nodes_expanded` / `seconds` at the moment that length was settled. Settings as in
+    `exact_mode`.
+
+    Example:
+        >>> # modes = exact_length_modes(params, prompt_ids, eos_id=tok.eos_id, max_length=6)
+        >>> # [(m.length, tok.decode(m.tokens), round(m.loglik, 2)) for m in modes]
+    """
+    prompt = _validate(params, prompt, eos_id, max_length, node_budget, batch_size, children, order, seed_beams)
+    plan = _Plan(max_length=max_length, depth=max_length, targets=tuple(range(max_length + 1)),
+                 shared_bound=False)
+    results = _search(params, prompt, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size,
+                      children=children, order=order, seed_beams=seed_beams)
+    return [results[length] for length in range(max_length + 1)]
