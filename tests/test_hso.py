@@ -284,3 +284,25 @@ def test_nan_in_the_cache_names_the_segment():
     poisoned.weights["embed"]["tokens"] = params.weights["embed"]["tokens"].at[60].set(jnp.nan)
     with pytest.raises(InputError, match="segment 2 "):
         hso_nll(poisoned, tokens, HSOConfig(segment=8, cache_size=16, lr=1e-2))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_hso_json_and_errors(capsys, tiny_llama_dir, tmp_path):
+    from makemost_jax.assets import read_sample
+    from makemost_jax.cli import main
+
+    text = tmp_path / "book.txt"
+    text.write_text(read_sample("austen")[:3000])
+    argv = ["hso", str(tiny_llama_dir), str(text), "--segment", "16", "--cache-size", "32", "--lr", "0.03",
+            "--max-tokens", "161", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = __import__("json").loads(out)
+    assert out.count("\n") == 1 and report["command"] == "hso"
+    assert report["hso"]["n_tokens"] == report["lr0"]["n_tokens"] == report["sliding"]["n_tokens"] == 160
+    assert report["hso"]["ppl"] != report["lr0"]["ppl"] and report["sliding"]["context"] == 48
+    assert main(argv[:-1] + ["--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lr=-1.0") and err.count("\n") == 1

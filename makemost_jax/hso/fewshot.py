@@ -84,6 +84,45 @@ def load_sentiment_sample() -> tuple[list[dict], list[dict]]:
     return read("sentiment_train.jsonl"), read("sentiment_test.jsonl")
 
 
+# TFDS few-shot tasks: (builder, train split, test split, text feature, label feature, label names, format).
+TFDS_TASKS = {
+    "sst2": ("glue/sst2", "train", "validation", "sentence", "label", ("negative", "positive"), PromptFormat()),
+    "ag_news": ("ag_news_subset", "train", "test", "description", "label",
+                ("world", "sports", "business", "technology"),
+                PromptFormat(query="Article: {text}\nTopic:", verbalisers=(
+                    ("world", " World"), ("sports", " Sports"), ("business", " Business"),
+                    ("technology", " Technology")))),
+    "trec": ("trec", "train", "test", "text", "label-coarse",
+             ("description", "entity", "abbreviation", "human", "number", "location"),
+             PromptFormat(query="Question: {text}\nAnswer type:", verbalisers=(
+                 ("description", " Description"), ("entity", " Entity"), ("abbreviation", " Abbreviation"),
+                 ("human", " Person"), ("number", " Number"), ("location", " Location")))),
+}
+
+
+def load_tfds_task(name: str, data_dir: str | None = None, max_test: int | None = None):
+    """(train records, test records, PromptFormat) of a TFDS classification task.
+
+    Needs `tensorflow-datasets` and the dataset prepared under `data_dir` (or a network).
+
+    Example:
+        >>> train, test, fmt = load_tfds_task("sst2", data_dir="~/tensorflow_datasets")  # doctest: +SKIP
+    """
+    from makemost_jax.data import TfdsSource
+
+    if name not in TFDS_TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TFDS_TASKS)} or pass records yourself")
+    builder, train_split, test_split, text, label, names, fmt = TFDS_TASKS[name]
+
+    def records(split, limit=None):
+        source = TfdsSource(builder, split, {"text": text, "label": label}, data_dir=data_dir)
+        n = len(source) if limit is None else min(limit, len(source))
+        return [{"text": r["text"], "label": names[int(r["label"])], "id": i}
+                for i, r in enumerate(source[j] for j in range(n))]
+
+    return records(train_split), records(test_split, max_test), fmt
+
+
 def _bucket(n: int) -> int:
     return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
 
