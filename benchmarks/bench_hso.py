@@ -1,0 +1,292 @@
+"""HSO cost: makemost_jax (`makemost_jax.hso`) vs the plain PyTorch reference, same weights.
+
+Two questions, one process, JAX and PyTorch interleaved, warm-up excluded, medians of
+repeats, ratios printed last:
+
+1. probe: one HSO step, i.e. the value and gradient of a segment's NLL with respect to
+   the cached keys/values, at the GPT-2-small shape (random weights, 12 layers, width 768,
+   vocabulary 50257), segment 128 after a full cache of 384, batch 1. JAX jits
+   `jax.value_and_grad` of `makemost_jax.hso.segment_nll` (what the loop runs);
+   PyTorch runs `hso_torch_reference.probe_step` (autograd through a `DynamicCache` of
+   leaf tensors, SDPA attention). Also XLA's `memory_analysis()` of the compiled step.
+2. protocol: the whole HSO loop (`hso_nll`) on a real text (the bundled Austen sample)
+   with the real default model (SmolLM2-135M from its GGUF file; the PyTorch twin loads
+   the same file through `transformers`): tokens/s with the update on, with it off
+   (lr=0 loop without gradients), the PyTorch reference's, the number of compilations
+   the whole text cost, and the compiled loop's memory.
+
+Results: `benchmarks/results/hso_<tag>.json` and `.md` with the machine described.
+
+Example:
+    python benchmarks/bench_hso.py            # ~5 min on 2 idle CPU cores (PyTorch slows badly on a busy machine:
+                                              # then compare with --torch-threads 1)
+    python benchmarks/bench_hso.py --quick    # ~2 min smoke run (tag <backend>_quick)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_forward import SHAPES, machine
+from hso_torch_reference import hso_segment_nlls, probe_step, random_state
+
+import makemost_jax as mm
+from makemost_jax.assets import read_sample
+from makemost_jax.hso import HSOConfig, HSOState, Segments, hso_nll, lm_segments, run_segments, segment_nll
+from makemost_jax.models import from_hf_config, params_from_hf
+
+RESULTS = ROOT / "benchmarks" / "results"
+MiB = 2 ** 20
+
+
+def describe_machine() -> dict:
+    """`bench_forward.machine()` plus the CPU model and the date."""
+    info = machine()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return {**info, "cpu_model": cpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_average_at_start": load_average()}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine slows PyTorch's threads far more than XLA's."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def memory_mib(compiled) -> dict:
+    """XLA's memory analysis of a compiled function, in MiB (peak = arguments + temporaries + outputs - aliased)."""
+    m = compiled.memory_analysis()
+    parts = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    parts["peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
+    return {k: round(v / MiB, 1) for k, v in parts.items()}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# ---------------------------------------------------------------- 1. probe
+
+
+def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
+    """One value-and-gradient of a segment's NLL w.r.t. the cache, GPT-2-small shape."""
+    torch.manual_seed(0)
+    hf_config = SHAPES["gpt2-small"]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval().requires_grad_(False)  # frozen, as in HSO
+    params = params_from_hf(from_hf_config(hf_config.to_dict()), {k: v.numpy() for k, v in model.state_dict().items()})
+
+    state_t = random_state(model, batch, cache)  # the cache a forward over `cache` random tokens leaves
+    rng = np.random.default_rng(1)
+    inputs, targets = (rng.integers(0, hf_config.vocab_size, (batch, segment)) for _ in range(2))
+    positions = np.broadcast_to(cache + np.arange(segment), (batch, segment))  # GPT-2: after the cached tokens
+    args_t = (torch.as_tensor(inputs), torch.as_tensor(targets), torch.as_tensor(positions.copy()))
+
+    def to_jax(per_layer):  # L x (B, H, C, K) -> (L, B, C, H, K)
+        return jnp.asarray(np.stack([t.permute(0, 2, 1, 3).numpy() for t in per_layer]))
+
+    kv = (to_jax(state_t.keys), to_jax(state_t.values))
+    state = HSOState(past=kv, base=None, valid=jnp.ones((batch, cache), bool), fill=jnp.int32(cache),
+                     next_position=jnp.full((batch,), cache, jnp.int32), adam=None)
+    seg = Segments(inputs=jnp.asarray(inputs, jnp.int32), targets=jnp.asarray(targets, jnp.int32),
+                   weights=jnp.ones((batch, segment), jnp.float32), mask=jnp.ones((batch, segment), bool))
+    step = jax.jit(jax.value_and_grad(lambda kv, p, st, sg: segment_nll(p, kv, st, sg)[0]))
+    compiled = step.lower(kv, params, state, seg).compile()
+
+    def run_jax():
+        return jax.block_until_ready(compiled(kv, params, state, seg))
+
+    def run_torch():
+        return probe_step(model, state_t, *args_t)
+
+    (loss_j, grads_j), (loss_t, grads_t) = run_jax(), run_torch()  # warm-up, and a parity check
+    grad_t = np.stack([g.permute(0, 2, 1, 3).numpy() for g in grads_t[:len(grads_t) // 2]])
+    grad_scale = float(np.abs(grad_t).max())
+    grad_diff = float(np.abs(np.asarray(grads_j[0]) - grad_t).max()) / grad_scale
+    jax_times, torch_times = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        jax_times.append(timed(run_jax)[0])
+        torch_times.append(timed(run_torch)[0])
+    ratios = [t / j for j, t in zip(jax_times, torch_times)]
+    return {"shape": "gpt2-small", "segment": segment, "cache": cache, "batch": batch, "repeats": repeats,
+            "jax_ms": 1e3 * statistics.median(jax_times), "torch_ms": 1e3 * statistics.median(torch_times),
+            "speedup_median_pairwise": statistics.median(ratios),
+            "loss_rel_diff": abs(float(loss_j) - float(loss_t)) / abs(float(loss_t)),
+            "key_grad_max_diff_rel": grad_diff, "jax_memory_mib": memory_mib(compiled),
+            "torch_attention": hf_config._attn_implementation}
+
+
+# ---------------------------------------------------------------- 2. whole protocol
+
+
+def default_models():
+    """The real default model in JAX (`mm.load()`) and its PyTorch twin from the same GGUF file."""
+    from makemost_jax.checkpoints.gguf import default_gguf_path
+
+    path = Path(default_gguf_path())
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return mm.load(), mm.load_tokenizer(), model.requires_grad_(False), path.name  # parameters stay frozen in HSO
+
+
+def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps: int, repeats: int) -> dict:
+    """tokens/s of the whole loop: JAX with HSO on and off, the PyTorch reference; compiles; memory."""
+    params, tokenizer, model, gguf_name = default_models()
+    ids = np.asarray(tokenizer.encode_for_model(read_sample("austen")))
+    if len(ids) < n_tokens:
+        raise SystemExit(f"the Austen sample has {len(ids)} tokens; ask for at most that many")
+    tokens = ids[None, :n_tokens]
+    other = ids[None, -n_tokens:]  # a different text of the same length: must not compile again
+    cfg = HSOConfig(segment=segment, cache_size=cache, lr=lr, hso_steps=hso_steps)
+    off = dataclasses.replace(cfg, lr=0.0)
+
+    first = hso_nll(params, tokens, cfg)  # compiles
+    first_off = hso_nll(params, tokens, off, update=False)
+    again = [hso_nll(params, other, cfg).compiles, hso_nll(params, tokens, dataclasses.replace(cfg, lr=lr / 3)).compiles]
+    segments = lm_segments(tokens, np.array([n_tokens]), segment)
+    static = {"cache_size": cache, "hso_steps": hso_steps, "recompute": cfg.recompute, "offsets": cfg.offsets}
+    memory = {"update": memory_mib(run_segments.lower(params, segments, cfg.hyper(), update=True, **static).compile()),
+              "no_update": memory_mib(run_segments.lower(params, segments, cfg.hyper(), update=False,
+                                                         **static).compile())}
+
+    def torch_run(lr_):
+        return hso_segment_nlls(model, tokens, segment=segment, cache_size=cache, lr=lr_, hso_steps=hso_steps)
+
+    torch_nll, counts = torch_run(lr)  # warm-up, and the numbers to compare
+    torch_nll_off, _ = torch_run(0.0)
+    times = {"jax_hso": [], "jax_off": [], "torch_hso": [], "torch_off": []}
+    for _ in range(repeats):
+        times["jax_hso"].append(hso_nll(params, tokens, cfg).seconds)
+        times["jax_off"].append(hso_nll(params, tokens, off, update=False).seconds)
+        times["torch_hso"].append(timed(lambda: torch_run(lr))[0])
+        times["torch_off"].append(timed(lambda: torch_run(0.0))[0])
+    n_scored = int(counts.sum())
+    tps = {name: n_scored / statistics.median(t) for name, t in times.items()}
+    return {
+        "model": f"SmolLM2-135M ({gguf_name}, float32)", "text": "austen (bundled sample)", "n_tokens": n_tokens,
+        "n_scored": n_scored, "n_segments": int(counts.shape[1]), "segment": segment, "cache": cache, "lr": lr,
+        "hso_steps": hso_steps, "recompute": cfg.recompute, "repeats": repeats,
+        "tokens_per_s": tps,
+        "hso_cost_per_token_vs_lr0": tps["jax_off"] / tps["jax_hso"],
+        "torch_hso_cost_per_token_vs_lr0": tps["torch_off"] / tps["torch_hso"],
+        "speedup_hso_vs_torch": tps["jax_hso"] / tps["torch_hso"],
+        "speedup_lr0_vs_torch": tps["jax_off"] / tps["torch_off"],
+        "ppl": {"jax_hso": first.ppl, "jax_lr0": first_off.ppl,
+                "torch_hso": math.exp(torch_nll.sum() / n_scored), "torch_lr0": math.exp(torch_nll_off.sum() / n_scored)},
+        "max_segment_nll_diff_vs_torch": {"hso": float(np.abs(first.nll - torch_nll).max()),
+                                          "lr0": float(np.abs(first_off.nll - torch_nll_off).max())},
+        "first_call_seconds": {"hso": first.seconds, "lr0": first_off.seconds},
+        "compiles_whole_text": {"hso": first.compiles, "lr0": first_off.compiles,
+                                "other_text_same_length": again[0], "other_lr": again[1]},
+        "jax_memory_mib": memory,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"hso_{tag}.json").write_text(json.dumps({"machine": info, "command": command, "probe": probe,
+                                                        "protocol": protocol}, indent=2))
+    p, w = probe, protocol
+    tps, ppl = w["tokens_per_s"], w["ppl"]
+    lines = [
+        f"# HSO cost, makemost_jax vs the PyTorch reference ({tag})", "",
+        "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
+        f"Command: `{command}`", "",
+        "## Probe: one HSO step (value and gradient of a segment's NLL w.r.t. the KV cache)", "",
+        (f"GPT-2-small shape, random weights, segment {p['segment']} after {p['cache']} cached tokens, batch "
+        f"{p['batch']}; median of {p['repeats']} interleaved repeats; PyTorch attention: {p['torch_attention']}."), "",
+        ("| JAX ms | PyTorch ms | speed-up (median of pairwise) | loss rel. diff | key-grad max diff (rel.) "
+        "| JAX peak MiB (args + temps + outputs) |"),
+        "|---|---|---|---|---|---|",
+        (f"| {p['jax_ms']:.0f} | {p['torch_ms']:.0f} | {p['speedup_median_pairwise']:.2f}x | {p['loss_rel_diff']:.1e} "
+        f"| {p['key_grad_max_diff_rel']:.1e} | {p['jax_memory_mib']['peak']} ({p['jax_memory_mib']['arguments']} + "
+        f"{p['jax_memory_mib']['temporaries']} + {p['jax_memory_mib']['outputs']}) |"), "",
+        "## Protocol: the whole HSO loop on a real text", "",
+        (f"{w['model']}, {w['text']}: {w['n_tokens']} tokens, {w['n_segments']} segments of {w['segment']}, cache "
+        f"{w['cache']}, lr {w['lr']}, hso_steps {w['hso_steps']}, recompute {w['recompute']}; median of "
+        f"{w['repeats']} repeats (compilation excluded)."), "",
+        "| loop | tokens/s | perplexity |", "|---|---|---|",
+        f"| JAX, HSO on | {tps['jax_hso']:.1f} | {ppl['jax_hso']:.3f} |",
+        f"| JAX, update off (lr=0) | {tps['jax_off']:.1f} | {ppl['jax_lr0']:.3f} |",
+        f"| PyTorch reference, HSO on | {tps['torch_hso']:.1f} | {ppl['torch_hso']:.3f} |",
+        f"| PyTorch reference, lr=0 | {tps['torch_off']:.1f} | {ppl['torch_lr0']:.3f} |", "",
+        (f"- HSO cost per token vs lr=0: JAX {w['hso_cost_per_token_vs_lr0']:.2f}x "
+        f"(PyTorch {w['torch_hso_cost_per_token_vs_lr0']:.2f}x); goal <= 4.5x"),
+        f"- JAX / PyTorch speed-up: HSO on {w['speedup_hso_vs_torch']:.2f}x, lr=0 {w['speedup_lr0_vs_torch']:.2f}x",
+        (f"- max per-segment NLL difference JAX vs PyTorch (nats): HSO {w['max_segment_nll_diff_vs_torch']['hso']:.1e}, "
+        f"lr=0 {w['max_segment_nll_diff_vs_torch']['lr0']:.1e}"),
+        (f"- compilations for the whole text: HSO {w['compiles_whole_text']['hso']}, lr=0 "
+        f"{w['compiles_whole_text']['lr0']}; then another text of the same length "
+        f"{w['compiles_whole_text']['other_text_same_length']}, another lr {w['compiles_whole_text']['other_lr']}"),
+        (f"- first call (compile + run): HSO {w['first_call_seconds']['hso']:.1f} s, lr=0 "
+        f"{w['first_call_seconds']['lr0']:.1f} s"),
+        (f"- compiled loop memory (MiB): HSO peak {w['jax_memory_mib']['update']['peak']} (temporaries "
+        f"{w['jax_memory_mib']['update']['temporaries']}), lr=0 peak {w['jax_memory_mib']['no_update']['peak']} "
+        f"(temporaries {w['jax_memory_mib']['no_update']['temporaries']})"),
+    ]
+    path = RESULTS / f"hso_{tag}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (small shapes, few repeats)")
+    parser.add_argument("--probe-repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole protocol")
+    parser.add_argument("--tokens", type=int, default=1025, help="text length for the protocol (1 + k * segment)")
+    parser.add_argument("--segment", type=int, default=128)
+    parser.add_argument("--cache", type=int, default=384)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--hso-steps", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="PyTorch intra-op threads (default: PyTorch's own choice, all cores)")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: backend, + _quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.probe_repeats, args.repeats, args.tokens, args.segment, args.cache = 3, 1, 193, 64, 128
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    info = describe_machine()
+    probe = bench_probe(128 if not args.quick else args.segment, 384 if not args.quick else args.cache, 1,
+                        args.probe_repeats)
+    print(json.dumps(probe))
+    protocol = bench_protocol(args.tokens, args.segment, args.cache, args.lr, args.hso_steps, args.repeats)
+    print(json.dumps(protocol))
+    info["load_average_at_end"] = load_average()
+    tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
+    command = "python benchmarks/bench_hso.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write_results(probe, protocol, info, tag, command.strip())
+    print(f"wrote {path}")
+    print(f"HSO cost per token vs lr=0 (JAX): {protocol['hso_cost_per_token_vs_lr0']:.2f}x (goal <= 4.5x)")
+    print(f"whole HSO loop: JAX / PyTorch speed-up {protocol['speedup_hso_vs_torch']:.2f}x")
+    print(f"HSO probe (one value-and-gradient w.r.t. the cache): JAX {probe['jax_ms']:.0f} ms, PyTorch "
+          f"{probe['torch_ms']:.0f} ms, JAX / PyTorch speed-up {probe['speedup_median_pairwise']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
