@@ -155,11 +155,13 @@ def test_scanned_loop_matches_python_reference_with_eviction(family, recompute, 
     np.testing.assert_allclose(np.asarray(nll_KB[:, 0]), expected_nll, rtol=1e-4)
     assert bool(np.all(finite_K)) and int(state.fill) == 12
     for j, s in enumerate(slots):
-        # float32 sums in another order; a misplaced or unevicted slot would be off by O(lr) or O(1)
-        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, j]), s["k"], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(state.past[1][:, 0, j]), s["v"], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, j]), s["mk"], rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(state.adam.v[1][:, 0, j]), s["vv"], rtol=1e-3, atol=1e-9)
+        # float32 against float64 Adam: an element whose gradient is ~0 can move by a fraction of lr (3e-2)
+        # differently; a misplaced or unevicted slot would be off by O(1)
+        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, j]), s["k"], rtol=1e-4, atol=5e-3)
+        np.testing.assert_allclose(np.asarray(state.past[1][:, 0, j]), s["v"], rtol=1e-4, atol=5e-3)
+        # a second step's gradient is taken at those slightly different states: moments agree to a few %
+        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, j]), s["mk"], rtol=5e-2, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.adam.v[1][:, 0, j]), s["vv"], rtol=5e-2, atol=1e-8)
     # The 4 oldest survivors (segment 4) were updated while segment 5 was scored; segment 5's were not.
     assert np.asarray(state.adam.steps).tolist() == [s["t"] for s in slots] == [hso_steps] * 4 + [0] * 8
     # HSO changed the scores: the update is on.
