@@ -140,11 +140,10 @@ class HSOState:
     next_position: jax.Array  # (B,) int32
     adam: SlotAdamState | None  # None when the update is off
 
-    def kv(self) -> tuple:
-        """The effective keys and values the model attends to."""
-        if self.base is None:
-            return self.past
-        return tuple(b + d for b, d in zip(self.base, self.past))
+    def kv(self, past: tuple | None = None) -> tuple:
+        """The effective keys and values the model attends to (for `past`, default the state's own)."""
+        past = self.past if past is None else past
+        return past if self.base is None else tuple(b + d for b, d in zip(self.base, past))
 
     def cache(self) -> KVCache:
         """The state as an ordinary `KVCache` (C slots), e.g. to continue with `forward`."""
@@ -195,10 +194,6 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
     return nll_B.sum(), (nll_B, new_kv)
 
 
-def _effective(state: HSOState, past):
-    return past if state.base is None else tuple(b + d for b, d in zip(state.base, past))
-
-
 def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: AdamHyper, *,
                      hso_steps: int = 1, recompute: bool = True, sink: int = 0):
     """Score one segment, update the past (when `state.adam` is set), append the segment.
@@ -210,7 +205,7 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
         >>> # state, nll_B, ok = hso_segment_step(params, state, seg, HSOConfig().hyper())
     """
     def loss(past):
-        return segment_nll(params, _effective(state, past), state, seg)
+        return segment_nll(params, state.kv(past), state, seg)
 
     past, adam = state.past, state.adam
     if adam is None:
@@ -223,7 +218,7 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
             past, adam = slot_adam_step(past, grad, adam, state.fill, hyper)
         past = tuple(constrain(x, KV_AXES) for x in past)
         if recompute:
-            _, (_, new_kv) = segment_nll(params, _effective(state, past), state, seg)
+            _, (_, new_kv) = segment_nll(params, state.kv(past), state, seg)
     finite = jnp.all(jnp.isfinite(nll_B)) & jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in past]))
 
     s = seg.inputs.shape[1]
