@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +30,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from makemost_jax.models import forward, from_hf_config, params_from_hf  # noqa: E402
+from common import command_line, machine, report_row
+
+from makemost_jax.models import forward, from_hf_config, params_from_hf
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,17 +45,6 @@ SHAPES = {
         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         attn_implementation="sdpa"),
 }
-
-
-def machine() -> dict:
-    """A description of where the numbers were measured."""
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def forward_flops(cfg, batch: int, length: int) -> float:
@@ -138,13 +127,21 @@ def _percent(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
+def report_rows(payload: dict) -> list[dict]:
+    """Headline rows for docs/RESULTS.md: the speed-up and logit agreement of each shape."""
+    return [report_row("Models", f"scoring speed-up vs HF PyTorch, {r['shape']}, {r['dtype']}, {r['batch']} x {r['length']}",
+                       f"{r['speedup_median_pairwise']:.2f}x ({r['jax_tokens_per_s']:,.0f} vs {r['torch_tokens_per_s']:,.0f} "
+                       f"tok/s); max logit diff {r['max_abs_logit_diff']:.1e}") for r in payload["results"]]
+
+
 def write_results(rows: list[dict], info: dict, tag: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"forward_{tag}.json").write_text(json.dumps({"machine": info, "results": rows}, indent=2))
+    payload = {"machine": info, "command": command_line(), "results": rows}
+    (RESULTS / f"forward_{tag}.json").write_text(json.dumps({**payload, "report": report_rows(payload)}, indent=2))
     lines = [f"# Scoring throughput, makemost_jax vs HF PyTorch eager ({tag})", "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
-             "| shape | dtype | batch x length | JAX tok/s | PyTorch tok/s | speed-up (median of pairwise) "
-             "| JAX TFLOP/s | max logit diff | MFU JAX | MFU PyTorch |",
+             ("| shape | dtype | batch x length | JAX tok/s | PyTorch tok/s | speed-up (median of pairwise) "
+             "| JAX TFLOP/s | max logit diff | MFU JAX | MFU PyTorch |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -45,7 +43,8 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_forward import SHAPES, machine
+from bench_forward import SHAPES
+from common import load_average, machine, memory_mib, report_row
 from hso_torch_reference import hso_segment_nlls, probe_step, random_state
 
 import makemost_jax as mm
@@ -55,29 +54,6 @@ from makemost_jax.models import from_hf_config, params_from_hf
 
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2 ** 20
-
-
-def describe_machine() -> dict:
-    """`bench_forward.machine()` plus the CPU model and the date."""
-    info = machine()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    return {**info, "cpu_model": cpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average_at_start": load_average()}
-
-
-def load_average() -> float | None:
-    """The 1-minute load average: other work on the machine slows PyTorch's threads far more than XLA's."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def memory_mib(compiled) -> dict:
-    """XLA's memory analysis of a compiled function, in MiB (peak = arguments + temporaries + outputs - aliased)."""
-    m = compiled.memory_analysis()
-    parts = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
-    parts["peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
-    return {k: round(v / MiB, 1) for k, v in parts.items()}
 
 
 def timed(fn):
@@ -205,10 +181,23 @@ def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps
 # ---------------------------------------------------------------- report
 
 
+def report_rows(payload: dict) -> list[dict]:
+    """Headline rows for docs/RESULTS.md: speed against the PyTorch reference and the cost of HSO."""
+    p, w = payload["probe"], payload["protocol"]
+    return [report_row("HSO", f"cache-gradient probe speed-up vs PyTorch, {p['shape']}, segment {p['segment']}, "
+                              f"cache {p['cache']}", f"{p['speedup_median_pairwise']:.2f}x"),
+            report_row("HSO", f"whole-text loop vs PyTorch, {w['model'].split(' ')[0]}, {w['n_tokens']} tokens",
+                       f"HSO {w['speedup_hso_vs_torch']:.2f}x, lr=0 {w['speedup_lr0_vs_torch']:.2f}x; ppl JAX "
+                       f"{w['ppl']['jax_hso']:.2f} / PyTorch {w['ppl']['torch_hso']:.2f}"),
+            report_row("HSO", "cost per token of HSO vs the lr=0 loop",
+                       f"{w['hso_cost_per_token_vs_lr0']:.2f}x (PyTorch {w['torch_hso_cost_per_token_vs_lr0']:.2f}x); "
+                       f"peak {w['jax_memory_mib']['update']['peak']} vs {w['jax_memory_mib']['no_update']['peak']} MiB")]
+
+
 def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"hso_{tag}.json").write_text(json.dumps({"machine": info, "command": command, "probe": probe,
-                                                        "protocol": protocol}, indent=2))
+    payload = {"machine": info, "command": command, "probe": probe, "protocol": protocol}
+    (RESULTS / f"hso_{tag}.json").write_text(json.dumps({**payload, "report": report_rows(payload)}, indent=2))
     p, w = probe, protocol
     tps, ppl = w["tokens_per_s"], w["ppl"]
     lines = [
@@ -271,7 +260,7 @@ def main(argv=None):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    info = describe_machine()
+    info = machine()
     probe = bench_probe(128 if not args.quick else args.segment, 384 if not args.quick else args.cache, 1,
                         args.probe_repeats)
     print(json.dumps(probe))

@@ -40,10 +40,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import makemost_jax as mm  # noqa: E402
-from makemost_jax.sharding import MeshConfig, activate, batch_sharding, make_mesh  # noqa: E402
-from makemost_jax.training import (TrainConfig, TrainState, make_optimizer, make_train_step,  # noqa: E402
-                                   train_state_shardings)
+from common import command_line, machine, report_row
+
+import makemost_jax as mm
+from makemost_jax.sharding import MeshConfig, activate, batch_sharding, make_mesh
+from makemost_jax.training import TrainConfig, TrainState, make_optimizer, make_train_step, train_state_shardings
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = {
@@ -65,17 +66,18 @@ MESHES = {
 MIB = 2**20
 
 
-def machine() -> dict:
-    """A description of where the numbers were measured."""
-    import platform
+def memory_report_rows(payload: dict) -> list[dict]:
+    """Headline rows for docs/RESULTS.md: per-device peak of the training step on each mesh."""
+    return [report_row("Training", f"per-device peak of a {payload['shape']} training step, {r['batch']}, "
+                                   f"8 simulated devices, {r['mesh']}, remat {r['remat']}",
+                       f"{r['peak_bytes'] / MIB:,.0f} MiB (state {r['state_bytes_per_device'] / MIB:,.0f} MiB)")
+            for r in payload["rows"]]
 
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+
+def mfu_report_rows(payload: dict) -> list[dict]:
+    """Headline rows for docs/RESULTS.md: the training step's MFU on the GPU."""
+    return [report_row("Training", f"training-step MFU, {r['shape']}, bf16, {r['batch']}",
+                       f"{r['mfu']:.1%} ({r['tokens_per_s']:,.0f} tok/s)") for r in payload["rows"]]
 
 
 def abstract_state(shape: str, config: TrainConfig):
@@ -125,9 +127,10 @@ def run_memory(args):
               f"[compile {row['compile_s']:.0f} s]", flush=True)
     info = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_memory.json").write_text(json.dumps(
-        {"machine": info, "shape": "gpt2-small", "params_plus_optimizer_bytes": total_state, "rows": rows},
-        indent=2))
+    payload = {"machine": info, "command": command_line(), "shape": "gpt2-small",
+               "params_plus_optimizer_bytes": total_state, "rows": rows}
+    (RESULTS / "train_memory.json").write_text(json.dumps({**payload, "report": memory_report_rows(payload)},
+                                                          indent=2))
     lines = [
         "# Training-step memory per device, GPT-2 small (compiled, not run)",
         "",
@@ -184,7 +187,9 @@ def run_gpu(args):
     info = {**machine(), "bf16_matmul_tflops": peak / 1e12}
     out = RESULTS / "gpu"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_mfu_gpu_bf16.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    payload = {"machine": info, "command": command_line(), "rows": rows}
+    (out / "train_mfu_gpu_bf16.json").write_text(json.dumps({**payload, "report": mfu_report_rows(payload)},
+                                                            indent=2))
     lines = ["# Training-step MFU, bfloat16 compute, float32 master weights (AdamW)", "",
              f"Machine: {', '.join(f'{k}={v}' for k, v in info.items())}", "",
              ("MFU = 3 x forward matmul FLOPs (bench_forward.forward_flops, full T x T attention) per second, "

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_hso import describe_machine
+from common import machine, report_row
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -89,10 +89,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def report_rows(payload: dict) -> list[dict]:
+    """Headline rows for docs/RESULTS.md: lr=0, the best HSO setting and the sliding window."""
+    b, sw = payload["best"], payload["sliding_window"]
+    return [report_row("HSO", f"perplexity, SmolLM2-135M on Persuasion ({payload['n_scored']} tokens, segment "
+                              f"{payload['segment']}, cache {payload['cache']}, no sink)",
+                       f"lr=0 {payload['lr0']['ppl']:.2f}; best HSO {b['ppl']:.2f} (lr {b['lr']:g}, {b['hso_steps']} "
+                       f"steps); sliding window {sw['context']}/{sw['stride']} {sw['ppl']:.2f}")]
+
+
 def write_results(result: dict, info: dict, name: str, command: str) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     paths = [RESULTS / f"{name}.{ext}" for ext in ("json", "md", "png")]
-    paths[0].write_text(json.dumps({"machine": info, "command": command, **result}, indent=2))
+    payload = {"machine": info, "command": command, **result}
+    paths[0].write_text(json.dumps({**payload, "report": report_rows(payload)}, indent=2))
     b, sw = result["best"], result["sliding_window"]
     lines = [f"# HSO sweep: learning rate x hso_steps ({name})", "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
@@ -131,7 +141,7 @@ def main(argv=None):
     result = sweep(tokens, args.segment, args.cache, [float(x) for x in args.lrs.split(",")],
                    [int(x) for x in args.steps.split(",")], recompute=not args.no_recompute)
     command = ("python benchmarks/hso_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    paths = write_results(result, describe_machine(), "hso_sweep_quick" if args.quick else "hso_sweep", command)
+    paths = write_results(result, machine(), "hso_sweep_quick" if args.quick else "hso_sweep", command)
     print("wrote " + ", ".join(str(p) for p in paths))
     b = result["best"]
     print(f"best: hso_steps={b['hso_steps']} lr={b['lr']:g} perplexity {b['ppl']:.3f} "

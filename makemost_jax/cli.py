@@ -1,4 +1,4 @@
-"""The `makemost` command: demo, ppl, generate, mode, hso, fewshot, info.
+"""The `makemost` command: demo, ppl, generate, cbs-train, mode, hso, fewshot, recurrence, report, info.
 
 MODEL is a Hugging Face checkpoint folder, a .gguf file, a hub id (with a network), or
 "default" / "-" for the embedded SmolLM2-135M-Instruct. Every command prints a
@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -82,25 +83,121 @@ def cmd_ppl(args) -> dict:
     return report
 
 
-def cmd_generate(args) -> dict:
-    from makemost_jax.decoding import generate_text
+def _search_settings(args) -> dict:
+    """The generate settings that apply to args.search (default: greedy, or sample when --temperature > 0)."""
+    from makemost_jax.errors import ConfigError
 
-    params, tok, load_seconds = _load(args.model, args.dtype)
-    t0 = time.perf_counter()
-    generations = generate_text(params, tok, args.prompts, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed)
-    seconds = time.perf_counter() - t0
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+    search = args.search or ("sample" if args.temperature > 0 else "greedy")
+    if (search == "sample") != (args.temperature > 0):
+        raise ConfigError(f"--search {search} with --temperature {args.temperature}: sampling needs a temperature "
+                          "> 0, the other searches take none")
+    if search == "cbs" and not args.classifier:
+        raise ConfigError("--search cbs needs --classifier DIR (a head written by makemost cbs-train)")
+    if args.classifier and search != "cbs":
+        raise ConfigError(f"--classifier applies to --search cbs, not {search}")
+    if args.attribute and search not in ("beam", "cbs"):
+        raise ConfigError(f"--attribute applies to --search beam or cbs, not {search}")
+    settings = {"search": search, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if search in ("beam", "cbs"):
+        settings.update(beams=args.beams, length_penalty=args.length_penalty, attribute=args.attribute)
+    if search == "cbs":
+        settings.update(classifier=args.classifier, weight=args.weight, prefilter=args.prefilter)
+    if search == "exact":
+        settings.update(node_budget=args.node_budget)
+    return settings
+
+
+def _chat(tok, text: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def cmd_generate(args) -> dict:
+    from makemost_jax.decoding.attributes import parse_attribute
+    from makemost_jax.decoding.classifier import load_classifier, search_text
+
+    settings = _search_settings(args)
+    params, tok, load_seconds = _load(args.model, args.dtype)
+    options = {k: v for k, v in settings.items() if k not in ("search", "max_new_tokens", "attribute", "classifier")}
+    if settings.get("attribute"):
+        options["attribute"] = parse_attribute(settings["attribute"])
+    if settings.get("classifier"):
+        options["classifier"] = load_classifier(settings["classifier"], params)
+    texts = [_chat(tok, p) for p in args.prompts] if args.chat else args.prompts
+    t0 = time.perf_counter()
+    generations = search_text(params, tok, texts, search=settings["search"], max_new_tokens=args.max_new_tokens,
+                              **options)
+    seconds = time.perf_counter() - t0
+    for g, prompt in zip(generations, args.prompts):
+        g["prompt"] = prompt  # the text as given, without the chat template
+    settings["chat"] = args.chat
     if not args.json:
         for g in generations:
+            if g["completion"] is None:
+                print(f"{g['prompt']}\u2192(no output found)")
+                continue
             print(f"{g['prompt']}\u2192{g['completion']}")
             print(f"  ({g['n_new_tokens']} tokens, log p = {g['logprob']:.2f})")
         print(f"{seconds:.2f} s (compilation included), load {load_seconds:.2f} s; "
               + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return {"command": "generate", "model": args.model, "dtype": args.dtype, **settings,
             "generations": generations, "seconds": seconds, "load_seconds": load_seconds}
+
+
+def _prompt_lines(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    return [line.replace("\\n", "\n") for line in _read_text(path).splitlines() if line.strip()]
+
+
+def cmd_cbs_train(args) -> dict:
+    from makemost_jax.decoding.attributes import parse_attribute
+    from makemost_jax.decoding.classifier import check_output_dir, fit_classifier, save_classifier
+    from makemost_jax.training import TrainConfig
+
+    attribute = parse_attribute(args.attribute)
+    check_output_dir(args.out, args.overwrite)  # before the expensive part
+    plain, chat = _prompt_lines(args.prompts), _prompt_lines(args.chat_prompts)
+    if not plain and not chat:
+        raise InputError("give prompts to sample from: --prompts FILE and/or --chat-prompts FILE (one per line)")
+    params, tok, load_seconds = _load(args.model, args.dtype)
+    if tok.eos_id is None:
+        raise InputError(f"the tokenizer of {args.model} has no EOS token; the samples' lengths need one")
+    ids = [tok.encode_for_model(t) for t in plain + [_chat(tok, m) for m in chat]]
+    settings = {"attribute": attribute.name, "samples_per_prompt": args.samples_per_prompt,
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "hidden_layer": args.hidden_layer, "mlp_width": args.mlp_width,
+                "train_embeddings": not args.freeze_embeddings, "steps": args.steps,
+                "learning_rate": args.learning_rate, "batch_size": args.batch_size, "held_out": args.held_out,
+                "seed": args.seed}
+    t0 = time.perf_counter()
+    config = TrainConfig(steps=args.steps, learning_rate=args.learning_rate, warmup_steps=min(20, args.steps // 10),
+                         seed=args.seed, progress=not args.json)
+    head, report = fit_classifier(params, ids, attribute, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                  hidden_layer=args.hidden_layer, mlp_width=args.mlp_width,
+                                  train_embeddings=not args.freeze_embeddings,
+                                  samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, held_out=args.held_out,
+                                  train_config=config, batch_size=args.batch_size, seed=args.seed,
+                                  progress=not args.json)
+    seconds = time.perf_counter() - t0
+    save_classifier(head, args.out, overwrite=args.overwrite, metadata={
+        "model": args.model, "prompts": len(plain), "chat_prompts": len(chat), **settings, "report": report})
+    if not args.json:
+        held, eos = report["held_out"] or {}, report["held_out_eos"] or {}
+        _print_table(f"attribute classifier for {attribute.name} on {args.model}, saved in {args.out}", {
+            "prompts": f"{len(plain)} plain, {len(chat)} chat",
+            "samples": f"{report['samples']} ({report['positive_samples']:.1%} with the attribute)",
+            "training loss": f"{report['first_loss']:.4f} -> {report['last_loss']:.4f} ({args.steps} steps)",
+            "held-out accuracy": (f"{held['accuracy']:.4f} (majority class {held['majority']:.4f}, "
+                                  f"{held['rows']} prefix rows)") if held else "-",
+            "held-out loss": (f"{held['loss']:.4f} (constant guess {held['constant_loss']:.4f})") if held else "-",
+            "held-out EOS rows": (f"accuracy {eos['accuracy']:.4f}, loss {eos['loss']:.4f} (constant guess "
+                                  f"{eos['constant_loss']:.4f})") if eos else "-",
+            "seconds": f"{seconds:.1f} (load {load_seconds:.1f})"})
+    return {"command": "cbs-train", "model": args.model, "out": args.out, "prompts": len(plain),
+            "chat_prompts": len(chat), **settings, "report": report, "seconds": seconds,
+            "load_seconds": load_seconds}
 
 
 def cmd_mode(args) -> dict:
@@ -203,6 +300,79 @@ def cmd_info(args) -> dict:
     return {"command": "info", "model": args.model, **summary, "load_seconds": load_seconds}
 
 
+def cmd_report(args) -> dict:
+    from makemost_jax.report import write_report
+
+    path, rows = write_report(args.results, args.out)
+    if not args.json:
+        print(f"{len(rows)} results from {args.results} written to {path}")
+    return {"command": "report", "out": str(path), "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def _recurrence_config(args):
+    from makemost_jax.recurrence import RecurrenceConfig
+
+    return RecurrenceConfig(num_memory=args.num_memory, read_layer=args.read_layer, inject_layer=args.inject_layer)
+
+
+def cmd_recurrence_train(args) -> dict:
+    import jax
+
+    from makemost_jax.data import DocumentContiguousBatches, TextFiles
+    from makemost_jax.recurrence import check_window, init_memory_module, save_module, train_recurrence
+    from makemost_jax.training import TrainConfig
+
+    params, tok, load_seconds = _load(args.model, args.dtype)
+    window = check_window(params, args.window)
+    module = init_memory_module(_recurrence_config(args), params.config, jax.random.key(args.seed))
+    data = DocumentContiguousBatches(TextFiles(args.data), tok, batch_size=args.batch_size,
+                                     window=window * args.windows, seed=args.seed)
+    config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=min(args.steps // 10, 100),
+                         seed=args.seed, progress=not args.json, log_every=max(args.steps // 20, 1),
+                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+    t0 = time.perf_counter()
+    run = train_recurrence(params, data, window, config, module=module, finetune=args.finetune)
+    seconds = time.perf_counter() - t0
+    path = save_module(args.out, run.module, lm=run.lm if args.finetune else None)
+    losses = [r["loss"] for r in run.history["train"]]
+    report = {"command": "recurrence train", "model": args.model, "data": args.data, "module": path,
+              "window": window, "windows": args.windows, "batch_size": args.batch_size, "steps": len(losses),
+              "finetune": args.finetune, "module_parameters": run.module.num_parameters,
+              "config": dataclasses.asdict(run.module.config), "first_loss": losses[0],
+              "last_loss": losses[-1], "seconds": seconds, "load_seconds": load_seconds}
+    if not args.json:
+        _print_table(f"recurrence module for {args.model} trained on {args.data}", {
+            "saved to": path, "parameters": run.module.num_parameters,
+            "windows": f"{args.windows} x {window} tokens per sequence, batch {args.batch_size}",
+            "steps": len(losses), "loss": f"{losses[0]:.4f} -> {losses[-1]:.4f}",
+            "seconds": f"{seconds:.1f} (load {load_seconds:.2f})"})
+    return report
+
+
+def cmd_recurrence_eval(args) -> dict:
+    from makemost_jax.data import TextFiles
+    from makemost_jax.recurrence import evaluate_sliding, evaluate_windows, load_module
+
+    params, tok, load_seconds = _load(args.model, args.dtype)
+    module, params = load_module(args.module, params)
+    docs = [tok.encode_for_model(record["text"]) for record in TextFiles(args.file)]
+    results = {"recurrence": evaluate_windows(params, docs, args.window, module, batch_size=args.batch_size,
+                                              progress=not args.json),
+               "disjoint": evaluate_windows(params, docs, args.window, batch_size=args.batch_size)}
+    if args.stride:
+        results["sliding"] = evaluate_sliding(params, docs, args.window, args.stride, batch_size=args.batch_size)
+    if not args.json:
+        first = results["recurrence"]
+        print(f"perplexity of {args.file} ({first.n_documents} documents, {first.n_tokens} tokens) under "
+              f"{args.model}, window {args.window}")
+        for name, r in results.items():
+            label = f"sliding (stride {r.stride})" if name == "sliding" else name
+            print(f"  {label:22} {r.ppl:10.4f}  ({r.seconds:.2f} s)")
+    return {"command": "recurrence eval", "model": args.model, "file": args.file, "module": args.module,
+            "window": args.window, "load_seconds": load_seconds,
+            **{name: r.to_dict() for name, r in results.items()}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `makemost` (exposed for docs and tests).
 
@@ -245,7 +415,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--search", choices=["greedy", "sample", "beam", "cbs", "exact"], default=None,
+                   help="decoding: greedy (default), sample (the default when --temperature > 0), beam search, "
+                        "conditional beam search (needs --classifier), exact mode search")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--beams", type=int, default=4, help="beam width for beam and cbs (default 4)")
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="beam/cbs: rank finished outputs by log p / n ** this (default 0: the mode)")
+    p.add_argument("--attribute", default=None, metavar="SPEC",
+                   help="beam/cbs: keep only outputs with this attribute (min-length:L, non-empty, no-repeat-ngram:N, "
+                        "no-prompt-copy[:SPAN], non-degenerate, joined by +); cbs default: the classifier's")
+    p.add_argument("--classifier", default=None, metavar="DIR",
+                   help="cbs: a head written by makemost cbs-train, or 'default' (bundled, min-length:8, for the "
+                        "embedded model)")
+    p.add_argument("--weight", type=float, default=1.0, help="cbs: weight of log q(attribute) (default 1)")
+    p.add_argument("--prefilter", type=int, default=None,
+                   help="cbs: candidate tokens per beam scored by the classifier (default 4 x beams)")
+    p.add_argument("--node-budget", type=int, default=2000, help="exact: prefixes to expand at most (default 2000)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("cbs-train", parents=[common, with_model],
+                       help="train the attribute classifier of conditional beam search on the model's own samples")
+    p.add_argument("--attribute", required=True, metavar="SPEC",
+                   help="what the outputs must satisfy: min-length:L, non-empty, no-repeat-ngram:N, "
+                        "no-prompt-copy[:SPAN], non-degenerate, joined by +")
+    p.add_argument("--prompts", metavar="FILE", help="prompts to sample from, one per line (\\n = newline)")
+    p.add_argument("--chat-prompts", metavar="FILE",
+                   help="user messages, one per line, each wrapped in the chat template")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the classifier (Orbax)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--samples-per-prompt", type=int, default=16, help="(default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="sample length limit (default 24)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1 = off)")
+    p.add_argument("--hidden-layer", type=int, default=-1, help="hidden state the head reads (default -1: last)")
+    p.add_argument("--mlp-width", type=int, default=256, help="(default 256)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="use the model's embedding table as it is (not trained, not saved: a small head)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--learning-rate", type=float, default=3e-4, help="(default 3e-4)")
+    p.add_argument("--batch-size", type=int, default=256, help="prefix rows per step (default 256)")
+    p.add_argument("--held-out", type=float, default=0.2, help="fraction of samples held out (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_cbs_train)
 
     p = sub.add_parser("mode", parents=[common, with_model],
                        help="exact mode search: the most likely continuation, proved by branch and bound")
@@ -295,6 +507,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-only", action="store_true", help="HSO raises the label tokens' log-probability only")
     p.set_defaults(run=cmd_fewshot)
 
+    p = sub.add_parser("recurrence", help="recurrence memory module: train it, evaluate it on long text")
+    rsub = p.add_subparsers(dest="recurrence_command", metavar="ACTION", required=True)
+    r = rsub.add_parser("train", parents=[common, with_model], help="train a memory module on text (LM frozen)")
+    r.add_argument("data", metavar="DATA", help="text file, folder of .txt files or glob; each file a document")
+    r.add_argument("--out", required=True, help="folder to write the trained module to (Orbax)")
+    r.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
+    r.add_argument("--windows", type=int, default=4, help="windows per training sequence (default 4)")
+    r.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    r.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    r.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    r.add_argument("--num-memory", type=int, default=4, help="memory vectors (default 4)")
+    r.add_argument("--read-layer", type=int, default=None, help="hidden state pooled (default: middle layer)")
+    r.add_argument("--inject-layer", type=int, default=0, help="first layer that reads the memory (default 0)")
+    r.add_argument("--finetune", action="store_true", help="train the LM too (its weights are saved with the module)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints (module + optimizer)")
+    r.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    r.set_defaults(run=cmd_recurrence_train)
+    r = rsub.add_parser("eval", parents=[common, with_model],
+                        help="perplexity with the memory beside disjoint and sliding windows")
+    r.add_argument("file", metavar="FILE", help="text file, folder of .txt files or glob; each file a document")
+    r.add_argument("--module", required=True, help="folder written by `makemost recurrence train`")
+    r.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
+    r.add_argument("--stride", type=int, default=None, help="also score a sliding window with this stride")
+    r.add_argument("--batch-size", type=int, default=8, help="documents per batch (default 8)")
+    r.set_defaults(run=cmd_recurrence_eval)
+
+    p = sub.add_parser("report", parents=[common],
+                       help="rebuild docs/RESULTS.md from the benchmark and experiment results files")
+    p.add_argument("--results", default="benchmarks/results", help="folder of results JSON files")
+    p.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write")
+    p.set_defaults(run=cmd_report)
     p = sub.add_parser("info", parents=[common, with_model], help="architecture and size of a model")
     p.set_defaults(run=cmd_info)
     return parser

@@ -1,8 +1,9 @@
 """The `makemost demo` tour.
 
 `run_demo` loads the embedded SmolLM2-135M-Instruct model, scores the two bundled text
-samples, generates from a few short prompts and reads the Austen sample with
-hidden-state optimisation, all offline and in about a minute on a 2-core CPU.
+samples, generates from a few short prompts, reads the Austen sample with
+hidden-state optimisation and shows conditional beam search on a prompt whose beam-search
+output is empty, all offline and in about a minute on a 2-core CPU.
 
 Example:
     >>> from makemost_jax.demo import run_demo
@@ -17,6 +18,7 @@ import time
 
 from makemost_jax.assets import SAMPLES, read_sample
 from makemost_jax.decoding import generate_text
+from makemost_jax.decoding.classifier import load_classifier, search_text
 from makemost_jax.hso import HSOConfig, compare_on_tokens
 from makemost_jax.loading import load, load_tokenizer, model_summary
 from makemost_jax.perplexity import perplexity_of_text
@@ -31,6 +33,10 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 # HSO on the first 1025 tokens of the Austen sample: 8 segments, the cache full from the fourth on.
 DEMO_HSO = HSOConfig(segment=128, cache_size=384, lr=1e-2, sink=4)
 DEMO_HSO_TOKENS = 1025
+# Conditional beam search: a prompt whose beam-search output is empty, and the bundled
+# min-length:8 classifier (makemost_jax/assets/README.md).
+CBS_PROMPT = "The end."
+CBS_SEARCH = {"beams": 4, "max_new_tokens": 24}
 
 
 def _print_report(report: dict):
@@ -58,7 +64,24 @@ def _print_report(report: dict):
                       ("sliding", "sliding window, recomputed")):
         print(f"  {name:38} ppl {h[key]['ppl']:7.2f}  {h[key]['seconds']:5.1f} s")
     print()
+    c = report["cbs"]
+    print(f"conditional beam search on {c['prompt']!r}: {CBS_SEARCH['beams']} beams, up to "
+          f"{CBS_SEARCH['max_new_tokens']} tokens ({c['seconds']:.1f} s)")
+    for name, g in (("beam search", c["beam"]), (f"CBS, {c['attribute']}", c["cbs"])):
+        text = "(no output found)" if g["completion"] is None else f"log p {g['logprob']:7.2f}  {g['completion']!r}"
+        print(f"  {name:22} {text}")
+    print()
     print(f"total {report['total_seconds']:.1f} s")
+
+
+def _cbs_demo(params, tokenizer) -> dict:
+    """Beam search and CBS (the bundled min-length:8 head) on CBS_PROMPT: outputs and log-likelihoods."""
+    t0 = time.perf_counter()
+    head = load_classifier("default", params)
+    beam = search_text(params, tokenizer, [CBS_PROMPT], search="beam", **CBS_SEARCH)[0]
+    cbs = search_text(params, tokenizer, [CBS_PROMPT], search="cbs", classifier=head, **CBS_SEARCH)[0]
+    return {"prompt": CBS_PROMPT, "attribute": head.config.attribute, "beam": beam, "cbs": cbs,
+            "seconds": time.perf_counter() - t0}
 
 
 def run_demo(json: bool = False) -> dict:
@@ -66,7 +89,7 @@ def run_demo(json: bool = False) -> dict:
 
     Returns the report dict that `makemost demo --json` prints: model summary,
     load_seconds, perplexity per sample, generations, hso (HSO, lr=0 and sliding-window
-    perplexity), total_seconds.
+    perplexity), cbs (beam search vs conditional beam search on one prompt), total_seconds.
 
     Example:
         >>> # report = run_demo(json=True); report["generations"][0]["completion"]
@@ -93,7 +116,8 @@ def run_demo(json: bool = False) -> dict:
     hso = compare_on_tokens(params, ids, DEMO_HSO)
 
     report = {"model": model_summary(params), "load_seconds": load_seconds, "perplexity": scores,
-              "generations": generations, "hso": hso, "total_seconds": time.perf_counter() - t0}
+              "generations": generations, "hso": hso, "cbs": _cbs_demo(params, tokenizer),
+              "total_seconds": time.perf_counter() - t0}
     if not json:
         _print_report(report)
     return report

@@ -49,8 +49,31 @@ from makemost_jax.models.types import Params
 DEFAULT_MAX_CONTEXT = 1024
 
 
+class NllTotals:
+    """`mean_nll` and `ppl` of a result with `nll_sum` (nats) over `n_tokens` scored tokens.
+
+    Example:
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Scored(NllTotals):
+        ...     nll_sum: float
+        ...     n_tokens: int
+        >>> round(Scored(6.0, 3).ppl, 3)
+        7.389
+    """
+
+    @property
+    def mean_nll(self) -> float:
+        """Nats per scored token."""
+        return self.nll_sum / self.n_tokens
+
+    @property
+    def ppl(self) -> float:
+        """Per-token perplexity, exp(mean NLL)."""
+        return math.exp(self.mean_nll)
+
+
 @dataclasses.dataclass(frozen=True)
-class PerplexityResult:
+class PerplexityResult(NllTotals):
     """Perplexity of one token sequence and the settings that produced it.
 
     Example:
@@ -68,16 +91,6 @@ class PerplexityResult:
     stride: int
     batch_size: int
     seconds: float  # wall time, compilation included
-
-    @property
-    def mean_nll(self) -> float:
-        """Nats per scored token."""
-        return self.nll_sum / self.n_tokens
-
-    @property
-    def ppl(self) -> float:
-        """Per-token perplexity, exp(mean NLL)."""
-        return math.exp(self.mean_nll)
 
     @property
     def bits_per_token(self) -> float:

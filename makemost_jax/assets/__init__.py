@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -42,3 +43,16 @@ def read_sample(name: str) -> str:
         2062
     """
     return sample_path(name).read_text(encoding="utf-8")
+
+
+def read_search_prompts() -> dict[str, list[str]]:
+    """The fixed prompts of the search experiments (degenerate outputs, exact modes of the real model).
+
+    Three kinds: "chat" questions (apply the model's chat template), plain "openings", and plain
+    "endings" (sentences that read like the end of a text, where the empty continuation is likely).
+
+    Example:
+        >>> {kind: len(p) for kind, p in read_search_prompts().items()}
+        {'chat': 12, 'openings': 6, 'endings': 6}
+    """
+    return json.loads(resources.files(__name__).joinpath("search_prompts.json").read_text(encoding="utf-8"))

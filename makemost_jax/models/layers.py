@@ -155,7 +155,7 @@ class Attention(nnx.Module):
         self.o = nnx.Linear(h * k, d, use_bias=cfg.out_bias, rngs=rngs)
 
     def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                 attend_BTS, layer_index):
+                 attend_BTS, layer_index, extra=None):
         b, t, _ = x_BTD.shape
         h, g, k = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_BTHK = self.q(x_BTD).reshape(b, t, h, k)
@@ -173,7 +173,7 @@ class Attention(nnx.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             q_BTHK = q_BTHK / (layer_index + 1).astype(q_BTHK.dtype)
         scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0
-        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale)
+        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra)
         return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
 
 
@@ -187,11 +187,18 @@ def _use_cudnn(dtype) -> bool:
     return choice == "cudnn"
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float):
+def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
     `attend_BTS` is a boolean mask; None means plain causal attention over the
     queries' own keys (S == T), where a fused kernel can be used.
+
+    `extra`, optional, is `(k_BMGK, v_BMGK, gate_H)`: M more key/value slots that every
+    query may read. Head h returns `(1 - gate[h]) * plain + gate[h] * joint`, where `joint`
+    is the attention over the extra slots and the keys together (one softmax, as if the
+    slots were prepended to the cache). A gate of 0 gives exactly the plain attention, so
+    a module that starts with zero gates leaves a pretrained model unchanged (the
+    recurrence memory enters this way).
 
     Example:
         >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 3, 2, 8))
@@ -201,7 +208,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float):
     b, t, h, k = q_BTHK.shape
     g = k_BSGK.shape[2]
     if attend_BTS is None:
-        if _use_cudnn(q_BTHK.dtype):
+        if extra is None and _use_cudnn(q_BTHK.dtype):
             return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
@@ -217,12 +224,40 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float):
     scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
     # Softmax with the normalisation applied after the value product: one pass less
     # over the (T, S) scores. The max shift cancels exactly, so it carries no gradient.
-    shifted = scores_BGRTS - jax.lax.stop_gradient(scores_BGRTS.max(axis=-1, keepdims=True))
-    weights_BGRTS = jnp.exp(shifted)
-    out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", weights_BGRTS.reshape(b, g, r * t, -1).astype(v_BGSK.dtype),
+    shift_BGRT1 = jax.lax.stop_gradient(scores_BGRTS.max(axis=-1, keepdims=True))
+    weights_BGRTS = jnp.exp(scores_BGRTS - shift_BGRT1)
+    num_BGQK = jnp.einsum("bgqs,bgsk->bgqk", weights_BGRTS.reshape(b, g, r * t, -1).astype(v_BGSK.dtype),
                           v_BGSK, preferred_element_type=jnp.float32)
-    out_BGRTK = out_BGQK.reshape(b, g, r, t, k) / weights_BGRTS.sum(axis=-1)[..., None]
+    num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
+    den_BGRT1 = weights_BGRTS.sum(axis=-1, keepdims=True)
+    out_BGRTK = num_BGRTK / den_BGRT1
+    if extra is not None:
+        out_BGRTK = _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, *extra, scale)
     return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(q_BTHK.dtype)
+
+
+def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMGK, v_BMGK, gate_H, scale):
+    """`out + gate * (joint - out)`: joint = softmax over [extra slots, keys], from the keys' sums.
+
+    The keys' unnormalised sums are rescaled to a shift that also covers the extra
+    scores, so `joint` is finite however large either side is; `out` itself is untouched,
+    hence exact when the gate is 0.
+    """
+    b, g, r, t, k = out_BGRTK.shape
+    dtype = q_BGQK.dtype
+    k_BGMK = k_BMGK.astype(dtype).transpose(0, 2, 1, 3)
+    v_BGMK = v_BMGK.astype(dtype).transpose(0, 2, 1, 3)
+    scores_BGRTM = jnp.einsum("bgqk,bgmk->bgqm", q_BGQK, k_BGMK,
+                              preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
+    joint_shift_BGRT1 = jax.lax.stop_gradient(jnp.maximum(shift_BGRT1, scores_BGRTM.max(axis=-1, keepdims=True)))
+    rescale_BGRT1 = jnp.exp(shift_BGRT1 - joint_shift_BGRT1)
+    weights_BGRTM = jnp.exp(scores_BGRTM - joint_shift_BGRT1)
+    extra_BGQK = jnp.einsum("bgqm,bgmk->bgqk", weights_BGRTM.reshape(b, g, r * t, -1).astype(dtype), v_BGMK,
+                            preferred_element_type=jnp.float32)
+    joint_BGRTK = ((num_BGRTK * rescale_BGRT1 + extra_BGQK.reshape(b, g, r, t, k))
+                   / (den_BGRT1 * rescale_BGRT1 + weights_BGRTM.sum(axis=-1, keepdims=True)))
+    gate_GR11 = gate_H.astype(jnp.float32).reshape(g, r, 1, 1)
+    return out_BGRTK + gate_GR11 * (joint_BGRTK - out_BGRTK)
 
 
 class Mlp(nnx.Module):
@@ -250,14 +285,14 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                 attend_BTS, layer_index):
+                 attend_BTS, layer_index, extra=None):
         if cfg.pre_norm:
             a, k_BSGK, v_BSGK = self.attn(cfg, self.attn_norm(x_BTD), positions_BT, k_BSGK,
-                                          v_BSGK, fill, attend_BTS, layer_index)
+                                          v_BSGK, fill, attend_BTS, layer_index, extra)
             x_BTD = x_BTD + a
             return x_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
         a, k_BSGK, v_BSGK = self.attn(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                                      attend_BTS, layer_index)
+                                      attend_BTS, layer_index, extra)
         x_BTD = self.attn_norm(x_BTD + a)
         return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
 
@@ -304,11 +339,13 @@ def init_block_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> d
 
 
 def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, attend_BTS,
-               k_LBSGK=None, v_LBSGK=None, fill=0, return_hidden: bool = False):
+               k_LBSGK=None, v_LBSGK=None, fill=0, return_hidden: bool = False, extra_kv=None):
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
 
     `k_LBSGK`/`v_LBSGK` are the cache buffers (None for encoders); the new tokens'
-    keys and values are written at slots [fill, fill + T).
+    keys and values are written at slots [fill, fill + T). `extra_kv`, optional, is a
+    triple `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into
+    every query's attention by a per-head gate (see `attention` and `forward`).
 
     Example:
         >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, pos, attend, cache.k, cache.v, cache.fill)
@@ -316,13 +353,13 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, atten
     graphdef, abstract_state = _block_template(cfg)
 
     def step(x_BTD, layer):
-        weights, layer_index, k_BSGK, v_BSGK = layer
+        weights, layer_index, k_BSGK, v_BSGK, extra = layer
         x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
         y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                                      attend_BTS, layer_index)
+                                      attend_BTS, layer_index, extra)
         return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
@@ -330,5 +367,5 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, atten
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
     layer_index = jnp.arange(cfg.n_layers)
     x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, layer_index, k_LBSGK, v_LBSGK))
+        step, x_BTD, (layer_weights, layer_index, k_LBSGK, v_LBSGK, extra_kv))
     return x_BTD, k_LBSGK, v_LBSGK, hidden_LBTD

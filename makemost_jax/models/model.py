@@ -82,6 +82,21 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache):
                              f"({cache.size} slots); allocate a larger cache with init_cache")
 
 
+def _check_extra_kv(cfg: ModelConfig, extra_kv, batch: int):
+    if extra_kv is None:
+        return
+    shapes = [getattr(x, "shape", None) for x in extra_kv]
+    if len(shapes) != 3 or None in shapes or len(shapes[0]) != 5 or shapes[0] != shapes[1]:
+        raise InputError("extra_kv must be (k, v, gate): keys and values of one shape (layers, batch, slots, "
+                         f"kv_heads, head_dim) and a gate (layers, heads), got shapes {shapes}")
+    want = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim)
+    shape = shapes[0]
+    if (shape[0], shape[1], shape[3], shape[4]) != want or shapes[2] != (cfg.n_layers, cfg.n_heads):
+        raise InputError(f"extra_kv has shapes {shapes}; this model and batch need keys and values of shape "
+                         f"({want[0]}, {want[1]}, slots, {want[2]}, {want[3]}) and a gate of shape "
+                         f"({cfg.n_layers}, {cfg.n_heads})")
+
+
 def _check_positions(cfg: ModelConfig, positions_BT):
     if cfg.rope_theta is None and _concrete(positions_BT):
         top = int(jnp.max(positions_BT))
@@ -91,7 +106,7 @@ def _check_positions(cfg: ModelConfig, positions_BT):
 
 
 def forward(params: Params, tokens, cache: KVCache | None = None, positions=None, mask=None,
-            token_types=None, return_hidden: bool = False) -> ModelOutput:
+            token_types=None, return_hidden: bool = False, extra_kv=None) -> ModelOutput:
     """Run the model on `tokens` (B, T); a pure function of its arguments.
 
     Decoders write the new tokens' keys/values into `cache` at slots [fill, fill+T)
@@ -100,6 +115,13 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     continue each row's count of real tokens, so left-padded batches give the same
     results as their unpadded rows. Encoders attend bidirectionally and return
     `cache=None`. `hidden` (L+1, B, T, D) follows Hugging Face's `hidden_states`.
+
+    `extra_kv`, optional, is `(k, v, gate)`: keys and values (L, B, M, G, K) of M extra
+    slots per layer (rotary keys already rotated) and a gate (L, H) per query head. Each
+    head mixes its attention with the attention over [extra slots, keys] as if the slots
+    were prepended to the cache: `(1 - gate) * plain + gate * joint` (`layers.attention`).
+    Gates of 0 leave the model exactly unchanged; the recurrence memory
+    (`makemost_jax.recurrence`) enters this way, with gates that start at 0.
 
     Example:
         >>> # out = forward(params, tokens_BT, cache=init_cache(params.config, B, 256))
@@ -114,6 +136,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     mask_BT = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask_BT.shape != (b, t):
         raise InputError(f"mask has shape {mask_BT.shape} but tokens have shape {(b, t)}")
+    _check_extra_kv(cfg, extra_kv, b)
 
     if cfg.causal:
         # A fresh cache with no padding is plain causal attention over the input itself.
@@ -132,7 +155,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         x0_BTD = family.embed(cfg, weights, tokens_BT, positions, token_types)
         buffers = (None, None) if plain_causal else (cache.k, cache.v)
         x_BTD, k, v, hidden = run_blocks(cfg, weights["layers"], x0_BTD, positions, attend_BTS,
-                                         *buffers, cache.fill, return_hidden)
+                                         *buffers, cache.fill, return_hidden, extra_kv)
         new_cache = KVCache(k=k, v=v, valid=valid_BS, fill=cache.fill + t,
                             next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32))
     else:
@@ -144,7 +167,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         attend_BTS = jnp.broadcast_to(mask_BT[:, None, :], (b, t, t))
         x0_BTD = family.embed(cfg, weights, tokens_BT, positions, token_types)
         x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, positions, attend_BTS,
-                                         return_hidden=return_hidden)
+                                         return_hidden=return_hidden, extra_kv=extra_kv)
         new_cache = None
     logits, final_BTD = family.head(cfg, weights, x_BTD)
     if logits is not None:

@@ -1,0 +1,99 @@
+"""What every benchmark and experiment shares: where it ran, XLA's memory numbers, and the results files.
+
+Each script writes `benchmarks/results/<stem>.json` and `<stem>.md`. The JSON carries `machine`, `command`
+and a `report` list of headline rows ({"area", "result", "value"}) that `makemost report` gathers into
+docs/RESULTS.md, so the project's results table is regenerated from the scripts' outputs, never edited by hand.
+
+Example:
+    >>> row = report_row("HSO", "perplexity on Persuasion", "42.92 (lr=0: 44.11)")
+    >>> sorted(row)
+    ['area', 'result', 'value']
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import jax
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MiB = 2 ** 20
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform module only gives the architecture)."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine slows PyTorch's threads far more than XLA's."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def machine() -> dict:
+    """A description of where the numbers were measured (PyTorch's part only when it is imported)."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "jax_device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_at_start": load_average()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        info["transformers"] = transformers.__version__
+    return info
+
+
+def machine_line(info: dict) -> str:
+    """One Markdown line naming the machine, for the top of a results file."""
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
+    torch = f", torch {info['torch']} ({info['torch_threads']} threads)" if "torch" in info else ""
+    return (f"Machine: {where}, JAX {info['jax']} on {info['jax_backend']}{torch}; {info['date']}, load average "
+            f"{info['load_average_at_start']} at start.")
+
+
+def memory_mib(compiled) -> dict:
+    """XLA's memory analysis of a compiled function, in MiB (peak = arguments + temporaries + outputs - aliased)."""
+    m = compiled.memory_analysis()
+    parts = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    parts["peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
+    return {k: round(v / MiB, 1) for k, v in parts.items()}
+
+
+def report_row(area: str, result: str, value: str) -> dict:
+    """One headline row for docs/RESULTS.md: the method area, what was measured, and the number(s)."""
+    return {"area": area, "result": result, "value": value}
+
+
+def command_line() -> str:
+    """How this script was run, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script.name
+    return " ".join(["python", str(name), *sys.argv[1:]])
+
+
+def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | None = None) -> Path:
+    """Write `<stem>.json` (payload + machine, command and report rows unless given) and `<stem>.md`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "command": command_line(), **payload}
+    if report is not None:
+        payload["report"] = report
+    path = RESULTS / f"{stem}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown.rstrip() + "\n")
+    return path
