@@ -112,8 +112,12 @@ def _step(params: Params, cache: KVCache, tokens_R, layer: int | None):
     return out.cache, out.logits[:, 0], out.hidden[layer][:, 0]
 
 
-def _gather_cache(cache: KVCache, parent_BK, mode: str) -> KVCache:
-    """Each beam's keys/values become those of its parent beam (same prompt)."""
+def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
+    """Each beam's keys/values from slot `start` on become those of its parent beam (same prompt).
+
+    The slots before `start` hold the prompt, the same for every beam of a prompt: moving
+    them would only cost memory traffic (the gather is a large part of a step on CPU).
+    """
     b, k = parent_BK.shape
     if mode == "take":
         flat_R = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
@@ -129,7 +133,8 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str) -> KVCache:
             y = jnp.einsum("bnk,lbk...->lbn...", onehot_BKK, x, precision=jax.lax.Precision.HIGHEST)
             return y.reshape(x.shape[0], b * k, *x.shape[3:])
     # `valid` and `next_position` are the same for every beam of a prompt: nothing to gather.
-    return dataclasses.replace(cache, k=gather(cache.k), v=gather(cache.v))
+    return dataclasses.replace(cache, k=cache.k.at[:, :, start:].set(gather(cache.k[:, :, start:])),
+                               v=cache.v.at[:, :, start:].set(gather(cache.v[:, :, start:])))
 
 
 def _normalise(logp, length, length_penalty, length_norm: str):
@@ -254,7 +259,7 @@ def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_lengt
         return (s["step"] < n) & ~jnp.all(s["done"])
 
     def feed(s, parent_BK, token_BK):
-        cache = _gather_cache(s["cache"], parent_BK, static.gather)
+        cache = _gather_cache(s["cache"], parent_BK, static.gather, t)
         cache, logits, hidden = _step(params, cache, token_BK.reshape(r), layer)
         return dict(s, cache=cache, logits=logits, hidden=hidden)
 
