@@ -373,6 +373,75 @@ def cmd_recurrence_eval(args) -> dict:
             **{name: r.to_dict() for name, r in results.items()}}
 
 
+def cmd_nar_train(args) -> dict:
+    import jax
+
+    import makemost_jax as mm
+    from makemost_jax import nar
+    from makemost_jax.training import TrainConfig
+
+    folder = nar.resolve_mlm(args.model)
+    t0 = time.perf_counter()
+    mlm, tok = mm.load(folder, dtype=args.dtype), mm.load_tokenizer(folder)
+    load_seconds = time.perf_counter() - t0
+    config = nar.seq2seq_config(mlm, tok, args.max_source, args.max_target, autoregressive=args.autoregressive)
+    params = nar.init_seq2seq(mlm, config, jax.random.key(args.seed), random_init=args.random_init)
+    train = nar.encode_pairs(tok, nar.read_pairs(args.data, args.source_key, args.target_key), config)
+    valid = None
+    if args.valid:
+        held_out = nar.encode_pairs(tok, nar.read_pairs(args.valid, args.source_key, args.target_key), config)
+        valid = nar.fixed_batches(held_out, args.batch_size)
+    train_config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=min(args.steps // 10, 100),
+                               seed=args.seed, progress=not args.json, log_every=max(args.steps // 20, 1),
+                               eval_every=max(args.steps // 4, 1) if valid else 0,
+                               checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+    t0 = time.perf_counter()
+    params, history = nar.train_seq2seq(params, nar.PairBatches(train, args.batch_size, seed=args.seed),
+                                        train_config, nar.SundaeConfig(corruption=args.corruption), valid=valid)
+    seconds = time.perf_counter() - t0
+    path = nar.save_seq2seq(args.out, params, tokenizer_source=folder)
+    losses = [r["loss"] for r in history["train"]]
+    report = {"command": "nar train", "model": args.model, "data": args.data, "out": path,
+              "autoregressive": args.autoregressive, "random_init": args.random_init, "pairs": len(train["index"]),
+              "steps": len(losses), "batch_size": args.batch_size, "first_loss": losses[0], "last_loss": losses[-1],
+              "valid_loss": [r["loss"] for r in history["eval"]], "seconds": seconds, "load_seconds": load_seconds}
+    if not args.json:
+        _print_table(f"{'AR' if args.autoregressive else 'NAR'} seq2seq from {args.model} trained on {args.data}", {
+            "saved to": path, "pairs": len(train["index"]), "steps": len(losses),
+            "loss": f"{losses[0]:.4f} -> {losses[-1]:.4f}",
+            "valid loss": ", ".join(f"{v:.4f}" for v in report["valid_loss"]) or "-",
+            "seconds": f"{seconds:.1f} (load {load_seconds:.2f})"})
+    return report
+
+
+def cmd_nar_translate(args) -> dict:
+    import makemost_jax as mm
+    from makemost_jax import nar
+
+    params, tok_source = nar.load_seq2seq(args.checkpoint)
+    tok = mm.load_tokenizer(args.tokenizer or tok_source)
+    if args.file == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        with open(args.file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    decode = nar.DecodeConfig(steps=args.steps, temperature=args.temperature, remask=args.remask, init=args.init,
+                              length_candidates=args.length_candidates)
+    t0 = time.perf_counter()
+    outputs = nar.translate(params, tok, lines, decode, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    report = {"command": "nar translate", "checkpoint": args.checkpoint, "outputs": outputs, "seconds": seconds}
+    if args.references:
+        with open(args.references, encoding="utf-8") as f:
+            refs = f.read().splitlines()
+        report["bleu"] = nar.bleu(outputs, nar.normalise_references(tok, refs[:len(outputs)]))
+    if not args.json:
+        print("\n".join(outputs))
+        if "bleu" in report:
+            print(f"BLEU {report['bleu']:.2f}", file=sys.stderr)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `makemost` (exposed for docs and tests).
 
@@ -539,6 +608,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="benchmarks/results", help="folder of results JSON files")
     p.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write")
     p.set_defaults(run=cmd_report)
+    p = sub.add_parser("nar", help="MLM-initialised non-autoregressive seq2seq: train, translate")
+    nsub = p.add_subparsers(dest="nar_command", metavar="ACTION", required=True)
+    r = nsub.add_parser("train", parents=[common], help="train a NAR (SUNDAE) or AR seq2seq model from a masked LM")
+    r.add_argument("model", metavar="MODEL", help="BERT-family checkpoint folder, or 'minilm' (all-MiniLM-L6-v2)")
+    r.add_argument("data", metavar="DATA", help="JSONL parallel corpus (e.g. makemost_jax/assets/bible_kjv_web_train.jsonl)")
+    r.add_argument("--out", required=True, help="folder to write the trained model to (Orbax)")
+    r.add_argument("--valid", default=None, help="JSONL held-out pairs for the validation loss")
+    r.add_argument("--source-key", default="kjv", help="source field of the records (default kjv)")
+    r.add_argument("--target-key", default="web", help="target field of the records (default web)")
+    r.add_argument("--max-source", type=int, default=48, help="source tokens incl. [CLS]/[SEP] (default 48)")
+    r.add_argument("--max-target", type=int, default=48, help="target tokens (default 48)")
+    r.add_argument("--batch-size", type=int, default=16, help="pairs per step (default 16)")
+    r.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    r.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    r.add_argument("--corruption", choices=["uniform", "bert"], default="uniform", help="SUNDAE corruption")
+    r.add_argument("--autoregressive", action="store_true", help="train the AR baseline instead")
+    r.add_argument("--random-init", action="store_true", help="random weights instead of the MLM's")
+    r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
+    r.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    r.set_defaults(run=cmd_nar_train)
+    r = nsub.add_parser("translate", parents=[common], help="decode source lines with a trained model")
+    r.add_argument("checkpoint", metavar="CHECKPOINT", help="folder written by `makemost nar train --out`")
+    r.add_argument("file", metavar="FILE", help="source text, one input per line ('-': stdin)")
+    r.add_argument("--references", default=None, help="reference lines: also print BLEU (sacrebleu)")
+    r.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one recorded at training)")
+    r.add_argument("--steps", type=int, default=10, help="NAR refinement steps (default 10)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default)")
+    r.add_argument("--remask", action="store_true", help="mask-predict re-masking of the least confident tokens")
+    r.add_argument("--init", choices=["random", "mask"], default="random", help="initial tokens (default random)")
+    r.add_argument("--length-candidates", type=int, default=1, help="top-n predicted lengths tried (default 1)")
+    r.add_argument("--batch-size", type=int, default=32, help="sources per batch (default 32)")
+    r.set_defaults(run=cmd_nar_translate)
+
     p = sub.add_parser("info", parents=[common, with_model], help="architecture and size of a model")
     p.set_defaults(run=cmd_info)
     return parser

@@ -64,6 +64,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from makemost_jax import training
+from makemost_jax.checkpoints.bundle import read_bundle_meta, restore_bundle, save_bundle
 from makemost_jax.decoding.attributes import Attribute, parse_attribute
 from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.exact import exact_mode
@@ -531,14 +532,10 @@ def save_classifier(classifier: AttributeClassifier, directory: str, metadata: d
     Example:
         >>> # save_classifier(head, "runs/len8", metadata={"model": "default", "report": report})
     """
-    import orbax.checkpoint as ocp  # imported on use, like training.checkpoint_manager
-
     path = check_output_dir(directory, overwrite)
     meta = {"kind": KIND, "format": FORMAT, "config": dataclasses.asdict(classifier.config),
             "metadata": json.loads(json.dumps(metadata or {}))}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=ocp.args.Composite(weights=ocp.args.StandardSave(classifier.weights),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+    save_bundle(path, meta, weights=classifier.weights)
 
 
 def read_classifier_metadata(directory: str) -> dict:
@@ -547,14 +544,7 @@ def read_classifier_metadata(directory: str) -> dict:
     Example:
         >>> # read_classifier_metadata("runs/len8")["config"]["attribute"]
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(directory)
-    if not os.path.isdir(os.path.join(path, "meta")):
-        raise CheckpointError(f"{directory!r} holds no attribute classifier (no meta/ folder); give a directory "
-                              "written by save_classifier or makemost cbs-train")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = read_bundle_meta(directory, "attribute classifier", "save_classifier or makemost cbs-train")
     if meta.get("kind") != KIND or meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory!r} is not an attribute classifier of format {FORMAT} "
                               f"(kind={meta.get('kind')!r}, format={meta.get('format')!r})")
@@ -573,8 +563,6 @@ def load_classifier(directory: str, params: Params | None = None) -> AttributeCl
         >>> # head = load_classifier("runs/len8", params=mm.load())
         >>> # head = load_classifier("default", params=mm.load())
     """
-    import orbax.checkpoint as ocp
-
     if str(directory) == "default":
         directory = str(resources.files("makemost_jax.assets").joinpath(BUNDLED))
     config = ClassifierConfig(**read_classifier_metadata(directory)["config"])
@@ -584,9 +572,7 @@ def load_classifier(directory: str, params: Params | None = None) -> AttributeCl
         raise ConfigError(f"the classifier in {directory!r} uses the model's own embedding table; pass "
                           "params=<the model it was trained for> to load it")
     abstract = {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in _shapes(config).items()}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        weights = checkpointer.restore(os.path.abspath(directory),
-                                       args=ocp.args.Composite(weights=ocp.args.StandardRestore(abstract))).weights
+    weights = restore_bundle(directory, weights=abstract)["weights"]
     return AttributeClassifier(config, weights, None if config.train_embeddings else _scaled_table(params))
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from makemost_jax.checkpoints.bundle import read_bundle_meta, restore_bundle, save_bundle
 from makemost_jax.errors import CheckpointError
 from makemost_jax.models.types import Params
 from makemost_jax.recurrence.model import check_window, recurrence_loss
@@ -87,17 +87,9 @@ def save_module(directory: str, module: MemoryParams, lm: Params | None = None) 
         >>> # save_module("runs/memory", run.module)                    # frozen LM: the module alone
         >>> # save_module("runs/memory_ft", run.module, lm=run.lm)      # finetuned LM too
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(directory)
     meta = {"format": MODULE_FORMAT, "config": dataclasses.asdict(module.config),
             "lm": _lm_meta(module.lm_config), "finetuned_lm": lm is not None}
-    items = {"weights": ocp.args.StandardSave(module.weights), "meta": ocp.args.JsonSave(meta)}
-    if lm is not None:
-        items["lm"] = ocp.args.StandardSave(lm.weights)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, ocp.args.Composite(**items), force=True)
-    return path
+    return save_bundle(directory, meta, weights=module.weights, **({} if lm is None else {"lm": lm.weights}))
 
 
 def load_module(directory: str, lm: Params) -> tuple[MemoryParams, Params]:
@@ -110,26 +102,17 @@ def load_module(directory: str, lm: Params) -> tuple[MemoryParams, Params]:
     Example:
         >>> # module, lm = load_module("runs/memory", mm.load())
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(directory)
-    if not os.path.isdir(os.path.join(path, "meta")):
-        raise CheckpointError(f"{path} holds no recurrence module (no meta/ inside); give the folder that "
-                              "save_module or `makemost recurrence train --out` wrote")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta.get("format") != MODULE_FORMAT:
-            raise CheckpointError(f"{path} has module format {meta.get('format')}, this version reads "
-                                  f"{MODULE_FORMAT}; retrain the module")
-        if meta["lm"] != _lm_meta(lm.config):
-            raise CheckpointError(f"the module in {path} was trained for the LM {meta['lm']}, not for the given "
-                                  f"{_lm_meta(lm.config)}; pass the model it was trained with")
-        config = RecurrenceConfig(**meta["config"])
-        abstract = jax.eval_shape(lambda: init_memory_module(config, lm.config, jax.random.key(0)).weights)
-        items = {"weights": ocp.args.StandardRestore(abstract)}
-        if meta["finetuned_lm"]:
-            items["lm"] = ocp.args.StandardRestore(jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm.weights))
-        restored = checkpointer.restore(path, ocp.args.Composite(**items))
-    module = MemoryParams(config.resolve(lm.config), lm.config, restored.weights)
-    return module, (Params(lm.config, restored.lm) if meta["finetuned_lm"] else lm)
+    meta = read_bundle_meta(directory, "recurrence module", "save_module or `makemost recurrence train --out`")
+    if meta.get("format") != MODULE_FORMAT:
+        raise CheckpointError(f"{directory!r} has module format {meta.get('format')}, this version reads "
+                              f"{MODULE_FORMAT}; retrain the module")
+    if meta["lm"] != _lm_meta(lm.config):
+        raise CheckpointError(f"the module in {directory!r} was trained for the LM {meta['lm']}, not for the given "
+                              f"{_lm_meta(lm.config)}; pass the model it was trained with")
+    config = RecurrenceConfig(**meta["config"])
+    abstract = {"weights": jax.eval_shape(lambda: init_memory_module(config, lm.config, jax.random.key(0)).weights)}
+    if meta["finetuned_lm"]:
+        abstract["lm"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm.weights)
+    restored = restore_bundle(directory, **abstract)
+    module = MemoryParams(config.resolve(lm.config), lm.config, restored["weights"])
+    return module, (Params(lm.config, restored["lm"]) if meta["finetuned_lm"] else lm)

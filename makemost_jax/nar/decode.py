@@ -1,0 +1,159 @@
+"""Iterative refinement decoding of the NAR model, batched and jitted.
+
+For each source: predict the target length with the length head (or take the given
+lengths), try the top `length_candidates` lengths as separate rows, start from all-[MASK]
+(`init="mask"`) or uniformly random tokens (`init="random"`, SUNDAE's choice) and refine
+`steps` times: each step re-predicts every position from the decoder's logits (argmax
+when `temperature == 0`, else sampling at that temperature). With `remask=True`
+(mask-predict), after step i < steps the `len * (steps - 1 - i) / steps` least confident
+tokens are replaced by [MASK] again. The [PAD]/[CLS]/[SEP]/[MASK] ids are never output.
+Among the length candidates the one with the highest mean log-probability of its final
+tokens wins. The encoder and the cross-attention keys/values run once per source.
+
+Example:
+    >>> # result = nar_decode(params, source_BS, source_mask_BS, DecodeConfig(steps=4))
+    >>> # result.tokens[0, :result.lengths[0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from makemost_jax.errors import ConfigError, InputError
+from makemost_jax.nar.model import Seq2SeqParams, check_source, cross_kv, encode, length_logits, nar_logits
+
+INITS = ("random", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Settings of NAR decoding (hashable; static under `jit`).
+
+    Example:
+        >>> DecodeConfig(steps=8, remask=True, init="mask").temperature
+        0.0
+    """
+
+    steps: int = 10
+    temperature: float = 0.0  # 0: argmax
+    remask: bool = False  # mask-predict re-masking of the least confident tokens
+    init: str = "random"  # "random" | "mask"
+    length_candidates: int = 1
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"DecodeConfig.steps={self.steps}: decoding needs at least 1 refinement step")
+        if self.temperature < 0:
+            raise ConfigError(f"DecodeConfig.temperature={self.temperature} must be >= 0 (0 = argmax)")
+        if self.init not in INITS:
+            raise ConfigError(f"DecodeConfig.init={self.init!r}; use one of {INITS}")
+        if self.length_candidates < 1:
+            raise ConfigError(f"DecodeConfig.length_candidates={self.length_candidates} must be at least 1")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeResult:
+    """tokens (B, max_target) padded with [PAD], lengths (B,), score (B,) = mean token log-prob."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    score: jax.Array
+
+
+def _ban_specials(config, logits_BTV):
+    return logits_BTV.at[..., jnp.array(config.special_ids)].set(-jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, steps, config: DecodeConfig):
+    # `steps` is traced (not config.steps) so every step count shares one compilation.
+    cfg = params.config
+    t = cfg.max_target
+    enc_BSD = encode(params, source_BS, source_mask_BS)
+    if lengths_BN is None:
+        lengths_BN = _top_lengths(params, enc_BSD, source_mask_BS, config.length_candidates)
+    b, n = lengths_BN.shape
+    ck, cv = cross_kv(params, enc_BSD)
+    # One row per (source, length candidate): candidates of a source are adjacent rows.
+    ck, cv = (jnp.repeat(x, n, axis=1) for x in (ck, cv))
+    source_mask_RS = jnp.repeat(source_mask_BS, n, axis=0)
+    lengths_R = lengths_BN.reshape(-1)
+    mask_RT = jnp.arange(t)[None] < lengths_R[:, None]
+    k_init, k_steps = jax.random.split(key)
+    if config.init == "mask":
+        x_RT = jnp.full(mask_RT.shape, cfg.mask_id, jnp.int32)
+    else:
+        random_RT = jax.random.randint(k_init, mask_RT.shape, 0, cfg.model.vocab_size, jnp.int32)
+        banned = jnp.isin(random_RT, jnp.array(cfg.special_ids))
+        x_RT = jnp.where(banned, cfg.mask_id, random_RT)
+    x_RT = jnp.where(mask_RT, x_RT, cfg.pad_id)
+
+    def step(i, carry):
+        x_RT, _ = carry
+        logits = _ban_specials(cfg, nar_logits(params, x_RT, mask_RT, ck, cv, source_mask_RS))
+        logp_RTV = jax.nn.log_softmax(logits, axis=-1)
+        if config.temperature == 0:
+            pred_RT = logp_RTV.argmax(-1).astype(jnp.int32)
+        else:
+            pred_RT = jax.random.categorical(jax.random.fold_in(k_steps, i), logits / config.temperature)
+            pred_RT = pred_RT.astype(jnp.int32)
+        conf_RT = jnp.take_along_axis(logp_RTV, pred_RT[..., None], axis=-1)[..., 0]
+        x_RT = jnp.where(mask_RT, pred_RT, cfg.pad_id)
+        if config.remask:
+            # Re-mask the k least confident real tokens, k shrinking linearly to 0 at the last step.
+            k_R = (lengths_R * (steps - 1 - i)) // steps
+            rank_RT = jnp.argsort(jnp.argsort(jnp.where(mask_RT, conf_RT, jnp.inf), axis=1), axis=1)
+            x_RT = jnp.where(mask_RT & (rank_RT < k_R[:, None]), cfg.mask_id, x_RT)
+        return x_RT, conf_RT
+
+    x_RT, conf_RT = jax.lax.fori_loop(0, steps, step, (x_RT, jnp.zeros(mask_RT.shape, jnp.float32)))
+    score_R = (conf_RT * mask_RT).sum(1) / jnp.maximum(lengths_R, 1)
+    best_B = score_R.reshape(b, n).argmax(1)
+    pick = jnp.arange(b) * n + best_B
+    return DecodeResult(tokens=x_RT[pick], lengths=lengths_R[pick], score=score_R[pick])
+
+
+def _top_lengths(params: Seq2SeqParams, enc_BSD, source_mask_BS, top: int):
+    logits_BN = length_logits(params, enc_BSD, source_mask_BS).at[:, 0].set(-jnp.inf)  # never empty
+    return jax.lax.top_k(logits_BN, min(top, params.config.max_target))[1].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("top",))
+def predict_lengths(params: Seq2SeqParams, source_BS, source_mask_BS, top: int = 1):
+    """The `top` most likely target lengths (B, top), from 1 to max_target.
+
+    Example:
+        >>> # predict_lengths(params, source_BS, source_mask_BS, top=3)
+    """
+    return _top_lengths(params, encode(params, source_BS, source_mask_BS), source_mask_BS, top)
+
+
+def nar_decode(params: Seq2SeqParams, source_BS, source_mask_BS, config: DecodeConfig = DecodeConfig(),
+               key: jax.Array | None = None, lengths=None) -> DecodeResult:
+    """Decode a batch of padded sources; `lengths` (B,) fixes the target lengths.
+
+    Deterministic with `temperature=0` and `init="mask"` (or a fixed `key`); each row's
+    result does not depend on the other rows of the batch.
+
+    Example:
+        >>> # r = nar_decode(params, src_BS, src_mask_BS, DecodeConfig(steps=4, init="mask"), lengths=jnp.array([5]))
+    """
+    if params.config.autoregressive:
+        raise ConfigError("nar_decode needs a non-autoregressive model; use ar_greedy for the AR baseline")
+    source_BS, source_mask_BS = jnp.asarray(source_BS, jnp.int32), jnp.asarray(source_mask_BS, jnp.int32)
+    check_source(params.config, source_BS, source_mask_BS)
+    lengths_BN = None  # predicted inside the jitted decoder, from the same encoder pass
+    if lengths is not None:
+        lengths_BN = jnp.asarray(lengths, jnp.int32).reshape(-1, 1)
+        if lengths_BN.shape[0] != source_BS.shape[0]:
+            raise InputError(f"lengths has {lengths_BN.shape[0]} entries for {source_BS.shape[0]} sources")
+        if int(lengths_BN.min()) < 1 or int(lengths_BN.max()) > params.config.max_target:
+            raise InputError(f"lengths must lie in [1, max_target={params.config.max_target}]")
+    key = jax.random.key(0) if key is None else key
+    static = dataclasses.replace(config, steps=1)
+    return _decode(params, source_BS, source_mask_BS, lengths_BN, key, jnp.int32(config.steps), static)
