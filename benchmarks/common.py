@@ -47,6 +47,8 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
             "jax_device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_at_start": load_average()}
+    if jax.default_backend() != "cpu":
+        info["gpu"] = jax.devices()[0].device_kind  # what the report names the machine by
     torch = sys.modules.get("torch")
     if torch is not None:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())

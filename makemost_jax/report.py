@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 from pathlib import Path
@@ -64,12 +63,9 @@ def describe_machine(machine: dict) -> str:
     return f"{cpu} ({machine['cpu_count']} cores)" if machine.get("cpu_count") else cpu
 
 
-def _date(payload: dict, path: Path) -> str:
-    """The date the machine record gives, else the file's modification date."""
-    recorded = str(payload.get("machine", {}).get("date") or "")
-    if recorded:
-        return recorded[:10]
-    return datetime.date.fromtimestamp(os.path.getmtime(path)).isoformat()
+def _date(payload: dict) -> str:
+    """The day the machine record gives (a file's modification time says nothing after a clone)."""
+    return str(payload.get("machine", {}).get("date") or "unknown")[:10]
 
 
 def _read(path: Path) -> dict:
@@ -104,7 +100,7 @@ def collect_rows(results_dir: str | os.PathLike) -> list[ResultRow]:
             if not isinstance(row, dict) or not {"area", "result", "value"} <= row.keys():
                 raise InputError(f"{path}: report row {i} must have area, result and value, got {row!r}")
             rows.append(ResultRow(str(row["area"]), str(row["result"]), str(row["value"]), command, machine,
-                                  _date(payload, path), str(path.relative_to(root))))
+                                  _date(payload), str(path.relative_to(root))))
 
     def key(r: ResultRow):
         return (AREAS.index(r.area) if r.area in AREAS else len(AREAS), r.area, r.source)
