@@ -21,6 +21,7 @@ or with the fixtures: `def test_x(hf): folder = hf.llama("m", num_key_value_head
 
 from __future__ import annotations
 
+import gc
 import os
 import types
 from pathlib import Path
@@ -176,6 +177,18 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """One default tiny Llama folder (with tokenizer) shared by the whole session."""
     return make_hf_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    One pytest process runs the whole suite; without this, every module's executables (several real-model
+    programs among them) stay resident to the end, and a late XLA compilation crashed the process once.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):
