@@ -38,9 +38,13 @@ CBS_LENGTH = 8  # the bundled head's attribute, min-length:8
 def search_prompts(tok) -> list[str]:
     """The fixed prompts: chat questions in the model's chat template, then plain openings and endings."""
     prompts = read_search_prompts()
-    chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-            for q in prompts["chat"]]
-    return chat + prompts["openings"] + prompts["endings"]
+    return [tok.user_turn(q) for q in prompts["chat"]] + prompts["openings"] + prompts["endings"]
+
+
+def balanced_test(test: list[dict], per_label: int) -> list[dict]:
+    """The first `per_label` positive then the first `per_label` negative test sentences."""
+    return [r for r in test if r["label"] == "positive"][:per_label] + \
+        [r for r in test if r["label"] == "negative"][:per_label]
 
 
 def degeneracy_summary(name: str, prompt_ids: list[list[int]], result) -> dict:
@@ -88,8 +92,7 @@ def part_hso(params, tok) -> tuple[dict, list[dict], list[str]]:
 
 def part_fewshot(params, tok) -> tuple[dict, list[dict], list[str]]:
     train, test = load_sentiment_sample()
-    n = FEWSHOT["per_label"]
-    test = [r for r in test if r["label"] == "positive"][:n] + [r for r in test if r["label"] == "negative"][:n]
+    test = balanced_test(test, FEWSHOT["per_label"])
     result = fewshot_classify(params, tok, train, test, k=FEWSHOT["k"], draws=FEWSHOT["draws"], seed=FEWSHOT["seed"],
                               hso=HSOConfig(lr=1e-2))
     summary = result.summary()

@@ -197,7 +197,7 @@ def main(argv=None):
     results = []
     search = {"eos_id": tok.eos_id, "batch_size": args.batch_size}
     for text, chat in prompts:
-        shown = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) if chat else text
+        shown = tok.user_turn(text) if chat else text
         ids = tok.encode_for_model(shown)
         mode = exact_mode(params, ids, max_length=args.max_length, node_budget=args.node_budget, **search)
         lengths = [exact_mode(params, ids, max_length=L, length=L, node_budget=args.length_budget, **search)

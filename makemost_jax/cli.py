@@ -108,10 +108,6 @@ def _search_settings(args) -> dict:
     return settings
 
 
-def _chat(tok, text: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-
-
 def cmd_generate(args) -> dict:
     from makemost_jax.decoding.attributes import parse_attribute
     from makemost_jax.decoding.classifier import load_classifier, search_text
@@ -123,7 +119,7 @@ def cmd_generate(args) -> dict:
         options["attribute"] = parse_attribute(settings["attribute"])
     if settings.get("classifier"):
         options["classifier"] = load_classifier(settings["classifier"], params)
-    texts = [_chat(tok, p) for p in args.prompts] if args.chat else args.prompts
+    texts = [tok.user_turn(p) for p in args.prompts] if args.chat else args.prompts
     t0 = time.perf_counter()
     generations = search_text(params, tok, texts, search=settings["search"], max_new_tokens=args.max_new_tokens,
                               **options)
@@ -163,7 +159,7 @@ def cmd_cbs_train(args) -> dict:
     params, tok, load_seconds = _load(args.model, args.dtype)
     if tok.eos_id is None:
         raise InputError(f"the tokenizer of {args.model} has no EOS token; the samples' lengths need one")
-    ids = [tok.encode_for_model(t) for t in plain + [_chat(tok, m) for m in chat]]
+    ids = [tok.encode_for_model(t) for t in plain + [tok.user_turn(m) for m in chat]]
     settings = {"attribute": attribute.name, "samples_per_prompt": args.samples_per_prompt,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "hidden_layer": args.hidden_layer, "mlp_width": args.mlp_width,

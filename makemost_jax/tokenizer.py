@@ -237,6 +237,15 @@ class Tokenizer:
         except TemplateError as e:
             raise ConfigError(f"chat template of {self.name!r} failed to render: {e}") from e
 
+    def user_turn(self, text: str) -> str:
+        """`text` as one user message in the chat template, ready for the assistant's reply.
+
+        Example:
+            >>> load_tokenizer().user_turn("Hi").endswith("<|im_start|>assistant\\n")  # doctest: +SKIP
+            True
+        """
+        return self.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""

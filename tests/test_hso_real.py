@@ -5,6 +5,9 @@ The numbers these tests print are the ones the README reports.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,10 +16,12 @@ from makemost_jax.assets import read_sample
 from makemost_jax.hso import HSOConfig, compare_on_tokens
 from makemost_jax.hso.fewshot import fewshot_classify, load_sentiment_sample
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# The settings benchmarks/real_model_methods.py records the numbers with. AUSTEN_TOKENS: the bundled
+# opening of Persuasion, out of the instruction-tuned model's usual domain.
+from real_model_methods import AUSTEN_TOKENS, FEWSHOT, HSO_PROTOCOLS, balanced_test
 
-# The bundled opening of Persuasion: out of the instruction-tuned model's usual domain.
-AUSTEN_TOKENS = 2049  # 16 segments of 128 after the first token
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def model():
     return mm.load(), mm.load_tokenizer()
 
 
-@pytest.mark.parametrize("sink,lr", [(0, 3e-2), (4, 1e-2)])
+@pytest.mark.parametrize("sink,lr", HSO_PROTOCOLS)
 def test_hso_lowers_perplexity_on_austen(model, sink, lr):
     """METHODS.md's protocol (sink=0) and the variant that keeps the first 4 tokens cached."""
     params, tok = model
@@ -45,8 +50,9 @@ def test_hso_lowers_perplexity_on_austen(model, sink, lr):
 def test_fewshot_with_and_without_hso(model):
     params, tok = model
     train, test = load_sentiment_sample()
-    test = [r for r in test if r["label"] == "positive"][:100] + [r for r in test if r["label"] == "negative"][:100]
-    result = fewshot_classify(params, tok, train, test, k=4, draws=5, seed=0, hso=HSOConfig(lr=1e-2))
+    test = balanced_test(test, FEWSHOT["per_label"])
+    result = fewshot_classify(params, tok, train, test, k=FEWSHOT["k"], draws=FEWSHOT["draws"], seed=FEWSHOT["seed"],
+                              hso=HSOConfig(lr=1e-2))
     summary = result.summary()
     print("\nsentiment few-shot, k=4, 200 test sentences, 5 draws:")
     for name, s in summary.items():
