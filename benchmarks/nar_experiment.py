@@ -20,7 +20,10 @@ Example:
     python benchmarks/nar_experiment.py                        # 2-core CPU: ~30 min
     python benchmarks/nar_experiment.py --steps 1400 --lr 5e-4 --n-test 128 \
         --train-file ../shared/data/bible-kjv-web/train.jsonl   # the recorded run: 76 min
+    python benchmarks/nar_experiment.py --steps 1400 --lr 1e-4 --n-test 128 --tag lr1e-4 \
+        --train-file ../shared/data/bible-kjv-web/train.jsonl   # the same at the AR model's better lr
     python benchmarks/nar_experiment.py --steps 2 --n-test 16 --tag smoke   # plumbing check
+    python benchmarks/nar_experiment.py --render benchmarks/results/nar_experiment.json  # tables/plot again
 """
 
 from __future__ import annotations
@@ -69,7 +72,12 @@ def main():
     ap.add_argument("--speed-only", default=None, metavar="NAR_MODEL",
                     help="only time decoding (batch 1 and --decode-batch) of a saved NAR model vs an AR model of the "
                          "same size (MLM-initialised; its weights do not change the cost per token)")
+    ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
+                    help="rewrite the table, plot and report rows of a recorded run from its JSON (machine and "
+                         "command kept); trains nothing")
     args = ap.parse_args()
+    if args.render:
+        return render(Path(args.render))
     if args.speed_only:
         return speed_only(args)
     stem = "nar_experiment" + (f"_{args.tag}" if args.tag else "")
@@ -179,7 +187,19 @@ def speed_only(args):
     print("\n".join(lines))
 
 
-def write(stem, info, budget, decode_steps, results):
+def render(path: Path):
+    """Write the markdown, plot and report rows of a recorded run again, from its JSON alone."""
+    recorded = json.loads(path.read_text())
+    results = recorded["results"]
+    for row in results.values():  # JSON turned the step counts into strings
+        for key in ("bleu_by_steps", "speed_by_steps"):
+            if key in row:
+                row[key] = {int(s): v for s, v in row[key].items()}
+    write(path.stem, recorded["machine"], recorded["budget"], recorded["decode_steps"], results,
+          recorded=recorded)
+
+
+def write(stem, info, budget, decode_steps, results, recorded=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,9 +234,10 @@ def write(stem, info, budget, decode_steps, results):
     lines.append(f"| AR greedy (KV cache) | {ar_tps:.1f} | 1.00 |")
     lines += ["", ("The validation loss is each model's own training loss (SUNDAE: sum of two unrolled steps + 0.1 x "
               "length loss; AR: next-token cross entropy), so compare it within a model, not across NAR and AR."),
-              "", f"Examples (nar_mlm, {decode_steps[-1]} steps):", ""]
-    for ex in m["examples"][:3]:
-        lines.append(f"- KJV: {ex['source']}\n  - WEB (normalised): {ex['reference']}\n  - NAR: {ex['output']}")
+              "", f"Examples (nar_mlm at {decode_steps[-1]} steps, ar_mlm greedy):", ""]
+    for ex, ar_ex in zip(m["examples"][:3], a["examples"]):
+        lines.append(f"- KJV: {ex['source']}\n  - WEB (normalised): {ex['reference']}\n  - NAR: {ex['output']}\n"
+                     f"  - AR: {ar_ex['output']}")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, row in (("nar_mlm", m), ("nar_random", r)):
         axes[0].plot(decode_steps, [row["bleu_by_steps"][s] for s in decode_steps], "o-", label=name)
@@ -236,17 +257,20 @@ def write(stem, info, budget, decode_steps, results):
     lines += ["", f"![BLEU vs steps, speed, validation loss]({stem}.png)"]
     mb, rb = m["bleu_by_steps"][best], r["bleu_by_steps"][best]
     speed_at_best = m["speed_by_steps"][best]["tokens_per_s"] / ar_tps
+    lr = f"{budget['learning_rate']:.0e}".replace("e-0", "e-")  # 5e-4, as on the command line
     report = [
-        report_row("NAR", f"BLEU kjv->web, MLM-init vs random-init NAR ({best} steps), same budget",
+        report_row("NAR", f"BLEU kjv->web, MLM-init vs random-init NAR ({best} steps), same budget, lr {lr}",
                    f"{mb:.2f} vs {rb:.2f} (AR greedy {a['bleu']:.2f}; untrained {m['untrained_bleu']:.2f}; "
                    f"copying the source {budget['copy_bleu']:.2f})"),
-        report_row("NAR", f"decoding tokens/s NAR ({best} steps) / AR greedy with KV cache",
+        report_row("NAR", f"decoding tokens/s NAR ({best} steps) / AR greedy with KV cache (lr {lr} run)",
                    f"{speed_at_best:.2f}x ({m['speed_by_steps'][best]['tokens_per_s']:.0f} vs {ar_tps:.0f})"),
         report_row("NAR", "training budget per model",
-                   f"{budget['steps']} steps x {budget['batch']} pairs, <= {budget['max_target']} target tokens, "
+                   f"{budget['steps']} steps x {budget['batch']} pairs at lr {lr}, <= {budget['max_target']} target tokens, "
                    f"CPU {budget['total_seconds'] / 60:.0f} min total"),
     ]
     payload = {"budget": budget, "decode_steps": decode_steps, "results": results}
+    if recorded is not None:  # re-rendered: keep the machine and command of the run
+        payload = {"machine": recorded["machine"], "command": recorded["command"], **payload}
     path = write_results(stem, payload, "\n".join(lines), report=report)
     print("\n".join(lines))
     print(f"wrote {path}")

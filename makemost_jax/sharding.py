@@ -25,7 +25,8 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -14,7 +14,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from makemost_jax.errors import ConfigError
 
@@ -73,7 +74,7 @@ class ModelConfig:
     def is_decoder(self) -> bool:
         return self.causal
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

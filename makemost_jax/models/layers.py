@@ -319,7 +319,7 @@ def remat_layers(policy):
         _LAYER_REMAT.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block_template(cfg: ModelConfig):
     """(graphdef, abstract state) of one Block; built once per config, no allocation."""
     return nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
