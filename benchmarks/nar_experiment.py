@@ -23,7 +23,7 @@ Example:
     python benchmarks/nar_experiment.py --steps 1400 --lr 1e-4 --n-test 128 --tag lr1e-4 \
         --train-file ../shared/data/bible-kjv-web/train.jsonl   # the same at the AR model's better lr
     python benchmarks/nar_experiment.py --steps 2 --n-test 16 --tag smoke   # plumbing check
-    python benchmarks/nar_experiment.py --render benchmarks/results/nar_experiment.json  # tables/plot again
+    python benchmarks/nar_experiment.py --report-only --tag lr1e-4   # rewrite a recorded run's table and plot
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, machine_line, report_row, write_results
+from common import RESULTS, machine, machine_line, report_row, write_results
 
 import makemost_jax as mm
 from makemost_jax import nar
@@ -72,15 +72,17 @@ def main():
     ap.add_argument("--speed-only", default=None, metavar="NAR_MODEL",
                     help="only time decoding (batch 1 and --decode-batch) of a saved NAR model vs an AR model of the "
                          "same size (MLM-initialised; its weights do not change the cost per token)")
-    ap.add_argument("--render", default=None, metavar="RESULTS_JSON",
-                    help="rewrite the table, plot and report rows of a recorded run from its JSON (machine and "
-                         "command kept); trains nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the table, plot and report rows of the run recorded under --tag from its JSON "
+                         "(machine and command kept); trains nothing")
     args = ap.parse_args()
-    if args.render:
-        return render(Path(args.render))
+    stem = "nar_experiment" + (f"_{args.tag}" if args.tag else "")
+    if args.report_only:
+        if not (RESULTS / f"{stem}.json").is_file():
+            ap.error(f"--report-only: no recorded run {RESULTS / stem}.json; run the experiment with this --tag first")
+        return report_only(stem)
     if args.speed_only:
         return speed_only(args)
-    stem = "nar_experiment" + (f"_{args.tag}" if args.tag else "")
     decode_steps = [int(s) for s in args.decode_steps.split(",")]
     info = machine()
     t_start = time.perf_counter()
@@ -187,15 +189,15 @@ def speed_only(args):
     print("\n".join(lines))
 
 
-def render(path: Path):
+def report_only(stem: str):
     """Write the markdown, plot and report rows of a recorded run again, from its JSON alone."""
-    recorded = json.loads(path.read_text())
+    recorded = json.loads((RESULTS / f"{stem}.json").read_text())
     results = recorded["results"]
     for row in results.values():  # JSON turned the step counts into strings
         for key in ("bleu_by_steps", "speed_by_steps"):
             if key in row:
                 row[key] = {int(s): v for s, v in row[key].items()}
-    write(path.stem, recorded["machine"], recorded["budget"], recorded["decode_steps"], results,
+    write(stem, recorded["machine"], recorded["budget"], recorded["decode_steps"], results,
           recorded=recorded)
 
 
