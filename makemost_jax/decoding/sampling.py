@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import KVCache, cache_size, init_cache
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -119,7 +119,8 @@ def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
 def _generate(params, prompts_BT, mask_BT, key, temperature, *, max_new_tokens, greedy, top_k,
               top_p, eos_id, pad_id):
     b = prompts_BT.shape[0]
-    cache, logits_BV = prefill(params, prompts_BT, mask_BT, prompts_BT.shape[1] + max_new_tokens)
+    t = prompts_BT.shape[1]
+    cache, logits_BV = prefill(params, prompts_BT, mask_BT, cache_size(params.config, t, t + max_new_tokens))
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits_BV, key=key,
                  tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                  logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),

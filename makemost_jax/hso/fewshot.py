@@ -41,7 +41,7 @@ import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.hso.lm import HSOConfig, HSOState, Segments, raise_if_not_finite, run_segments
-from makemost_jax.models.cache import KVCache
+from makemost_jax.models.cache import KVCache, extend_slots, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -180,14 +180,7 @@ def _label_logprobs(params: Params, cache: KVCache, inputs_QT, mask_QT, targets_
     """
     q, t = inputs_QT.shape
 
-    def widen(x, pad_value=0):
-        x = jnp.broadcast_to(x, (x.shape[0], q) + x.shape[2:]) if x.ndim == 5 else jnp.broadcast_to(x, (q,) + x.shape[1:])
-        pad = [(0, 0)] * x.ndim
-        pad[2 if x.ndim == 5 else 1] = (0, t)
-        return jnp.pad(x, pad, constant_values=pad_value)
-
-    rows = KVCache(k=widen(cache.k), v=widen(cache.v), valid=widen(cache.valid, False), fill=cache.fill,
-                   next_position=jnp.broadcast_to(cache.next_position, (q,)))
+    rows = extend_slots(repeat_rows(cache, q), t)
     logp_QTV = jax.nn.log_softmax(forward(params, inputs_QT, cache=rows, mask=mask_QT).logits, axis=-1)
     logp_JQT = jnp.take_along_axis(logp_QTV[None], targets_JQT[..., None], axis=-1)[..., 0]
     return jnp.sum(logp_JQT * weights_JQT, axis=-1)

@@ -51,7 +51,7 @@ from makemost_jax.hso.adam import (
     init_slot_adam,
     slot_adam_step,
 )
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import KVCache, extend_slots, init_cache
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
@@ -135,20 +135,36 @@ class HSOState:
 
     past: tuple  # (k, v), each (L, B, C, G, H): the states, or their offsets when `base` is set
     base: tuple | None  # (k, v) the unoptimised states in offsets mode, else None
-    valid: jax.Array  # (B, C) bool
+    positions: jax.Array  # (B, C) int32: each slot's position, -1 when empty
     fill: jax.Array  # () int32
     next_position: jax.Array  # (B,) int32
     adam: SlotAdamState | None  # None when the update is off
+
+    @property
+    def valid(self) -> jax.Array:
+        return self.positions >= 0
 
     def kv(self, past: tuple | None = None) -> tuple:
         """The effective keys and values the model attends to (for `past`, default the state's own)."""
         past = self.past if past is None else past
         return past if self.base is None else tuple(b + d for b, d in zip(self.base, past))
 
-    def cache(self) -> KVCache:
+    def slot_positions(self, absolute: bool) -> jax.Array:
+        """(B, C) positions the model sees for the cached slots.
+
+        Absolute-position models keep the cache contiguous: the slots count 0, 1, ... in
+        order, so the next segment starts at the number of cached tokens (METHODS.md).
+        """
+        if not absolute:
+            return self.positions
+        return jnp.where(self.valid, jnp.cumsum(self.valid, axis=1, dtype=jnp.int32) - 1, -1)
+
+    def cache(self, absolute: bool = False) -> KVCache:
         """The state as an ordinary `KVCache` (C slots), e.g. to continue with `forward`."""
         k, v = self.kv()
-        return KVCache(k=k, v=v, valid=self.valid, fill=self.fill, next_position=self.next_position)
+        next_position = self.valid.sum(1, dtype=jnp.int32) if absolute else self.next_position
+        return KVCache(k=k, v=v, positions=self.slot_positions(absolute), fill=self.fill,
+                       next_position=next_position)
 
 
 def init_state(params: Params, batch: int, cache_size: int, offsets: bool, update: bool) -> HSOState:
@@ -160,14 +176,22 @@ def init_state(params: Params, batch: int, cache_size: int, offsets: bool, updat
     empty = init_cache(params.config, batch, cache_size, params.dtype)
     kv = (empty.k, empty.v)
     adam = init_slot_adam(kv, SLOT_AXIS) if update else None
-    return HSOState(past=kv, base=kv if offsets else None, valid=empty.valid, fill=empty.fill,
+    return HSOState(past=kv, base=kv if offsets else None, positions=empty.positions, fill=empty.fill,
                     next_position=empty.next_position, adam=adam)
 
 
-def _pad_slots(x, n: int):
-    pad = [(0, 0)] * x.ndim
-    pad[SLOT_AXIS if x.ndim == 5 else 1] = (0, n)
-    return jnp.pad(x, pad)
+def _absolute(params: Params) -> bool:
+    return params.config.embed.positions == "learned"
+
+
+def segment_positions(params: Params, state: HSOState, seg: Segments) -> jax.Array:
+    """(B, S) positions of a segment's tokens after the cached ones.
+
+    Example:
+        >>> # positions_BS = segment_positions(params, state, seg)
+    """
+    start_B = state.valid.sum(1, dtype=jnp.int32) if _absolute(params) else state.next_position
+    return jnp.maximum(start_B[:, None] + jnp.cumsum(seg.mask, 1, dtype=jnp.int32) - 1, 0)
 
 
 def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
@@ -181,11 +205,8 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
         >>> #     lambda kv: segment_nll(params, kv, state, seg), has_aux=True)(state.kv())
     """
     s = seg.inputs.shape[1]
-    cache = KVCache(k=_pad_slots(kv[0], s), v=_pad_slots(kv[1], s), valid=_pad_slots(state.valid, s),
-                    fill=state.fill, next_position=state.next_position)
-    absolute = params.config.rope_theta is None
-    start_B = state.valid.sum(1, dtype=jnp.int32) if absolute else state.next_position
-    positions_BS = jnp.maximum(start_B[:, None] + jnp.cumsum(seg.mask, 1, dtype=jnp.int32) - 1, 0)
+    cache = extend_slots(dataclasses.replace(state.cache(_absolute(params)), k=kv[0], v=kv[1]), s)
+    positions_BS = segment_positions(params, state, seg)
     out = forward(params, seg.inputs, cache=cache, positions=positions_BS, mask=seg.mask)
     logits_BSV = out.logits.astype(jnp.float32)
     target_logit_BS = jnp.take_along_axis(logits_BSV, seg.targets[..., None], axis=-1)[..., 0]
@@ -231,7 +252,8 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
         past = tuple(append(x, jnp.zeros_like(n)) for x, n in zip(past, new_kv))
     new_state = HSOState(
         past=tuple(constrain(x, KV_AXES) for x in past), base=base,
-        valid=append_slots(state.valid, seg.mask, state.fill, 1, sink),
+        positions=append_slots(state.positions, jnp.where(seg.mask, segment_positions(params, state, seg), -1),
+                               state.fill, 1, sink),
         fill=jnp.minimum(state.fill + s, state.valid.shape[1]),
         next_position=state.next_position + seg.mask.sum(1, dtype=jnp.int32),
         adam=None if adam is None else append_adam_slots(adam, s, state.fill, sink))

@@ -13,45 +13,53 @@ Example:
     >>> cfg = from_hf_config({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2,
     ...   "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 30,
     ...   "max_position_embeddings": 20})
+    >>> from makemost_jax.models.model import init_weights
     >>> sorted(init_weights(cfg, jax.random.key(0)))
     ['embed', 'layers', 'mlm_head']
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from makemost_jax.models import mapping
-from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.layers import activation, init_block_weights, norm, norm_weights
+from makemost_jax.models.config import (AttentionConfig, EmbedConfig, HeadConfig, MlpConfig, ModelConfig,
+                                        NormConfig, activation_name, refuse, require)
 
 
-def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random BERT weights (with an MLM head when `cfg.has_lm_head`).
+def config_from_hf(hf) -> ModelConfig:
+    """`ModelConfig` of a HF BERT or RoBERTa config (the head kind is settled by `load`).
 
     Example:
-        >>> # init_weights(cfg, jax.random.key(0))["mlm_head"]["bias"].shape == (V,)
+        >>> config_from_hf({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10,
+        ...   "max_position_embeddings": 8}).norm.placement
+        'post'
     """
-    k_tok, k_pos, k_type, k_blocks, k_head = jax.random.split(key, 5)
-    d = cfg.d_model
-    weights = {
-        "embed": {
-            "tokens": 0.02 * jax.random.normal(k_tok, (cfg.vocab_size, d), dtype),
-            "positions": 0.02 * jax.random.normal(k_pos, (cfg.max_positions, d), dtype),
-            "types": 0.02 * jax.random.normal(k_type, (max(cfg.type_vocab_size, 1), d), dtype),
-            "norm": norm_weights(cfg, d),
-        },
-        "layers": init_block_weights(cfg, k_blocks, dtype),
-    }
-    if cfg.has_lm_head:
-        weights["mlm_head"] = {
-            "dense": {"kernel": 0.02 * jax.random.normal(k_head, (d, d), dtype),
-                      "bias": jnp.zeros((d,), dtype)},
-            "norm": norm_weights(cfg, d),
-            "bias": jnp.zeros((cfg.vocab_size,), dtype),
-        }
-    return weights
+    d = require(hf, "hidden_size")
+    heads = require(hf, "num_attention_heads")
+    model_type = hf.get("model_type", "bert")
+    refuse(hf, "position_embedding_type", ("absolute",))
+    pad = hf.get("pad_token_id", 0 if model_type == "bert" else 1)
+    return ModelConfig(
+        family="bert", hf_model_type=model_type, vocab_size=require(hf, "vocab_size"), d_model=d,
+        n_layers=require(hf, "num_hidden_layers"), max_positions=require(hf, "max_position_embeddings"),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=heads, head_dim=d // heads, causal=False),
+        mlp=MlpConfig(d_ff=require(hf, "intermediate_size"), activation=activation_name(hf, "hidden_act",
+                                                                                      default="gelu")),
+        norm=NormConfig(kind="layernorm", eps=hf.get("layer_norm_eps", 1e-12), placement="post"),
+        embed=EmbedConfig(positions="learned", type_vocab_size=max(hf.get("type_vocab_size", 2), 1), norm=True),
+        head=HeadConfig(kind="mlm", tied=True),
+        pad_token_id=pad, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+
+
+def position_start(cfg: ModelConfig) -> int:
+    """The first position id of a sequence: 0 for BERT, padding_idx + 1 for RoBERTa.
+
+    Example:
+        >>> # position_start(roberta_cfg) == 2
+    """
+    return cfg.pad_token_id + 1 if cfg.hf_model_type == "roberta" else 0
 
 
 def default_positions(cfg: ModelConfig, tokens_BT, mask_BT):
@@ -60,38 +68,10 @@ def default_positions(cfg: ModelConfig, tokens_BT, mask_BT):
     Example:
         >>> # default_positions(roberta_cfg, jnp.array([[0, 5, 1]]), None).tolist() == [[2, 3, 1]]
     """
-    if cfg.position_offset == 0:
+    if cfg.hf_model_type != "roberta":
         return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     real = (tokens_BT != cfg.pad_token_id).astype(jnp.int32)
-    return jnp.cumsum(real, axis=1) * real + cfg.position_offset - 1
-
-
-def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
-    """Word + position + token-type embeddings, then LayerNorm.
-
-    Example:
-        >>> # x_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types_BT)
-    """
-    e = weights["embed"]
-    types = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
-    x = e["tokens"][tokens_BT] + e["positions"][positions_BT] + e["types"][types]
-    return norm(cfg, e["norm"], x)
-
-
-def head(cfg: ModelConfig, weights: dict, x_BTD):
-    """MLM head; returns (float32 logits or None, final states).
-
-    Example:
-        >>> # logits_BTV, x_BTD = head(cfg, weights, x_BTD)
-    """
-    if not cfg.has_lm_head:
-        return None, x_BTD
-    h = weights["mlm_head"]
-    y = activation(cfg.activation)(x_BTD @ h["dense"]["kernel"] + h["dense"]["bias"])
-    y = norm(cfg, h["norm"], y)
-    logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"],
-                        preferred_element_type=jnp.float32) + h["bias"]
-    return logits, x_BTD
+    return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
 
 
 _LAYER = "encoder.layer.{i}."
@@ -163,6 +143,5 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
         >>> # weights = weights_from_hf(cfg, read_hf_checkpoint(minilm_dir)[1])
     """
     tensors = {_rename(k): v for k, v in tensors.items()}
-    expected = mapping.expected_shapes(init_weights, cfg)
-    return mapping.assemble(tensors, _ENTRIES, expected, cfg.n_layers, dtype=dtype,
+    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype,
                             ignored=_IGNORED)

@@ -1,17 +1,25 @@
-"""The KV cache: fixed-size buffers plus a fill count, as an explicit pytree.
+"""The KV cache: fixed-size buffers whose slots record their positions, as an explicit pytree.
 
-Slots are filled left to right, the same slot range for every batch row; `valid`
-marks which slots hold a real (non-padding) token, and `next_position` is each row's
-position for its next token. Because it is a plain pytree, `jax.grad` with respect to
-the cache, `lax.scan` over windows and `lax.while_loop` over decoding steps all work.
+Every slot holds the position of the token written there (-1: empty or padding), so
+every mask (causal, sliding window, padding, rolling buffer) is computed from positions,
+never from slot indices. Tokens are written at slots `fill, fill + 1, ...` modulo the
+size: a cache smaller than the text is a rolling buffer, which is exact for models whose
+every layer slides over the same window (`ModelConfig.uniform_window`) as long as it
+holds the window plus the tokens of one call (`cache_size`). Because it is a plain
+pytree, `jax.grad` with respect to the cache, `lax.scan` over windows and
+`lax.while_loop` over decoding steps all work on it.
+
+Methods never rebuild a cache field by field: `repeat_rows` and `gather_rows` work on
+any cache that declares the batch axis of its fields in `ROW_AXES` (an encoder-decoder
+cache with cross-attention keys is another such pytree).
 
 Example:
     >>> from makemost_jax.models.config import from_hf_config
     >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
     ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
     >>> cache = init_cache(cfg, batch=3, size=16)
-    >>> cache.k.shape, int(cache.fill)
-    ((2, 3, 16, 4, 16), 0)
+    >>> cache.k.shape, int(cache.fill), repeat_rows(cache, 2).batch
+    ((2, 3, 16, 4, 16), 0, 6)
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ from makemost_jax.models.config import ModelConfig
 class KVCache:
     k: jax.Array  # (L, B, S, G, K); rotary keys are stored already rotated
     v: jax.Array  # (L, B, S, G, K)
-    valid: jax.Array  # (B, S) bool: slot holds a real token
-    fill: jax.Array  # () int32: slots [0, fill) are written
+    positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
+    fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
     next_position: jax.Array  # (B,) int32: position id of each row's next token
+
+    ROW_AXES = {"k": 1, "v": 1, "positions": 0, "next_position": 0}  # fields with a batch axis
+    SLOT_AXES = {"k": 2, "v": 2, "positions": 1}  # fields with a slot axis
 
     @property
     def size(self) -> int:
@@ -40,6 +51,11 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def valid(self) -> jax.Array:
+        """(B, S) bool: the slot holds a real token."""
+        return self.positions >= 0
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
@@ -52,7 +68,61 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) ->
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
-        valid=jnp.zeros((batch, size), bool),
+        positions=jnp.full((batch, size), -1, jnp.int32),
         fill=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch,), jnp.int32),
     )
+
+
+def cache_size(config: ModelConfig, prompt_length: int, total_length: int) -> int:
+    """Slots a generation of `total_length` tokens needs after a `prompt_length` prefill.
+
+    Models whose every layer slides over one window W keep a rolling buffer of
+    max(prompt, W) slots, so memory stays bounded however long the decode; others keep
+    every token.
+
+    Example:
+        >>> # cache_size(mistral_cfg_with_window_4096, 100, 100_000) == 4096
+    """
+    window = config.uniform_window
+    if window is None:
+        return total_length
+    return min(total_length, max(prompt_length, window))
+
+
+def _map_rows(cache, fn):
+    return dataclasses.replace(cache, **{name: fn(getattr(cache, name), axis)
+                                         for name, axis in type(cache).ROW_AXES.items()})
+
+
+def repeat_rows(cache, n: int):
+    """Each row of `cache` repeated `n` times in place (row i becomes rows i*n .. i*n+n-1).
+
+    Example:
+        >>> # beams_cache = repeat_rows(prompt_cache, num_beams)
+    """
+    return _map_rows(cache, lambda x, axis: jnp.repeat(x, n, axis=axis))
+
+
+def gather_rows(cache, rows_R):
+    """The cache of rows `rows_R` (R,) of `cache` (any order, repeats allowed).
+
+    Example:
+        >>> # cache = gather_rows(cache, parent_R)   # beams follow their parents
+    """
+    return _map_rows(cache, lambda x, axis: jnp.take(x, rows_R, axis=axis))
+
+
+def extend_slots(cache: KVCache, n: int) -> KVCache:
+    """`cache` with `n` more empty slots at the end (for a continuation of `n` tokens).
+
+    Example:
+        >>> # longer = extend_slots(prompt_cache, 16)   # room for 16 more tokens
+    """
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n)
+        return jnp.pad(x, widths, constant_values=-1 if x.dtype == jnp.int32 else 0)
+
+    return dataclasses.replace(cache, **{name: pad(getattr(cache, name), axis)
+                                         for name, axis in KVCache.SLOT_AXES.items()})

@@ -1,10 +1,13 @@
 """Transformer building blocks shared by every family, as Flax NNX modules.
 
-One `Block` covers GPT-2 (pre-LayerNorm, GELU MLP), Llama (pre-RMSNorm, rotary,
-grouped-query attention, SwiGLU) and BERT (post-LayerNorm, bidirectional); the config
-picks the variant. Blocks are stored stacked (leading L axis) and run under
-`lax.scan` by `run_blocks`, which turns the NNX module into a pure function of
-(weights pytree, inputs) through `nnx.split` / `nnx.merge`.
+One `Block` covers every family: pre-, post- or sandwich norms, sequential or parallel
+residuals, grouped-query attention with optional q/k norms, score soft-capping, partial
+rotary and a per-layer sliding window, plain or gated MLPs; the config picks the
+variant. Blocks are stored stacked (leading L axis) and run under one `lax.scan` by
+`run_blocks`; what differs between layers (window, rotary frequencies) is scanned
+alongside the weights as per-layer arrays, so compile time stays flat in depth whatever
+the layer pattern. The NNX module becomes a pure function of (weights pytree, inputs)
+through `nnx.split` / `nnx.merge`.
 
 Dimensions: B batch, T new tokens, S cache slots (keys), L layers, D width,
 H query heads, G key/value heads, R = H // G, K head width, F MLP width.
@@ -29,10 +32,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from makemost_jax.errors import ConfigError
-from makemost_jax.models.config import ModelConfig
+from makemost_jax.models.config import ModelConfig, RotaryConfig
 from makemost_jax.sharding import constrain
 
 # `nnx.to_pure_dict` is the current spelling; older Flax only has the State method.
@@ -44,6 +48,7 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
 }
+NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer
 
 
 def activation(name: str):
@@ -74,12 +79,16 @@ def apply_norm(x, scale, bias, eps: float):
 
 
 class Norm(nnx.Module):
-    """LayerNorm or RMSNorm as the config says (parameters `scale`, and `bias` for LayerNorm)."""
+    """LayerNorm or RMSNorm as the config says (parameters `scale`, and `bias` for LayerNorm).
 
-    def __init__(self, cfg: ModelConfig, width: int):
-        self.eps = cfg.norm_eps
+    Gemma's `(1 + w)` RMSNorm is this one with the 1 added to `w` when loading.
+    """
+
+    def __init__(self, cfg: ModelConfig, width: int, kind: str | None = None):
+        self.eps = cfg.norm.eps
+        kind = kind or cfg.norm.kind
         self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32)) if cfg.norm == "layernorm" else None
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32)) if kind == "layernorm" else None
 
     def __call__(self, x):
         return apply_norm(x, self.scale[...], None if self.bias is None else self.bias[...], self.eps)
@@ -100,81 +109,184 @@ def norm(cfg: ModelConfig, weights: dict, x):
     Example:
         >>> # x_BTD = norm(cfg, weights["final_norm"], x_BTD)
     """
-    return apply_norm(x, weights["scale"], weights.get("bias"), cfg.norm_eps)
+    return apply_norm(x, weights["scale"], weights.get("bias"), cfg.norm.eps)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+def rotary_frequencies(rot: RotaryConfig, head_dim: int, seq_len=None):
+    """(inverse frequencies (R/2,), cos/sin factor) of one rotary setting, as Hugging Face computes them.
+
+    R = int(head_dim * fraction) is the rotated width. `seq_len` (max position + 1 of the
+    current call, may be traced) drives the types that depend on it: `dynamic` (NTK base
+    growth past the context) and `longrope` (long factors past the original context).
+
+    Example:
+        >>> inv, factor = rotary_frequencies(RotaryConfig(theta=10000.0), 4)
+        >>> [round(float(v), 4) for v in inv], factor
+        ([1.0, 0.01], 1.0)
+    """
+    dim = int(head_dim * rot.fraction)
+    s = dict(rot.scaling)
+    kind = rot.kind
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / dim
+    base = rot.theta
+    factor = 1.0
+    if kind == "dynamic":
+        seq = jnp.maximum(jnp.asarray(rot.max_positions if seq_len is None else seq_len, jnp.float32),
+                          rot.max_positions)
+        grown = base * ((s["factor"] * seq / rot.max_positions) - (s["factor"] - 1)) ** (dim / (dim - 2))
+        return 1.0 / grown ** jnp.asarray(exponents), factor
+    inv_freq = 1.0 / (base ** exponents)
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
+        scale, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_context = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / scale + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_context / low, inv_freq / scale,
+                            np.where(wavelen < old_context / high, inv_freq, smoothed))
+    elif kind == "yarn":
+        original = s["original_max_position_embeddings"]
+        scale = s.get("factor") or rot.max_positions / original
+        factor = s.get("attention_factor")
+        if factor is None:
+            mscale = lambda m: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+            factor = (mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
+                      if s.get("mscale") and s.get("mscale_all_dim") else mscale(1.0))
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high + 0.001 if low == high else high) - low),
+                       0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = inv_freq / scale * (1 - extrapolate) + inv_freq * extrapolate
+    elif kind == "longrope":
+        original = s["original_max_position_embeddings"]
+        scale = s.get("factor") or rot.max_positions / original
+        factor = s.get("attention_factor")
+        if factor is None:
+            factor = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+        short = 1.0 / (np.asarray(s["short_factor"], np.float32) * base ** exponents)
+        long = 1.0 / (np.asarray(s["long_factor"], np.float32) * base ** exponents)
+        if seq_len is None:
+            return short, float(factor)
+        return jnp.where(seq_len > original, long, short), float(factor)
+    return np.asarray(inv_freq, np.float32), float(factor)
 
 
 def rotary_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Per-pair rotary frequencies (K/2,), with linear or Llama-3 scaling applied.
+    """The global layers' rotary frequencies (R/2,) at the model's own context.
 
     Example:
         >>> # rotary_inverse_frequencies(cfg).shape == (cfg.head_dim // 2,)
     """
-    k = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
-    scaling = dict(cfg.rope_scaling or ())
-    kind = scaling.get("rope_type")
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = jnp.where(wavelen > old_context / low, inv_freq / factor,
-                             jnp.where(wavelen < old_context / high, inv_freq, smoothed))
-    return inv_freq
+    return jnp.asarray(rotary_frequencies(cfg.rotary, cfg.head_dim)[0])
 
 
-def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate query/key heads by position (HF's rotate-half convention), in float32.
+def layer_rotary(cfg: ModelConfig, positions_BT):
+    """Per-layer rotary tables: (inverse frequencies (L, R/2), cos/sin factors (L,)), or None.
+
+    Example:
+        >>> # inv_LR, factor_L = layer_rotary(cfg, positions_BT)
+    """
+    if cfg.rotary is None:
+        return None
+    seq_len = jnp.max(positions_BT) + 1
+    kinds = sorted(set(k.rotary for k in cfg.layers), key=repr)
+    tables = [rotary_frequencies(kind, cfg.head_dim, seq_len) for kind in kinds]
+    # Gathered by a constant index, so the program does not grow with depth.
+    index_L = np.asarray([kinds.index(k.rotary) for k in cfg.layers], np.int32)
+    inv_NR = jnp.stack([jnp.asarray(inv, jnp.float32) for inv, _ in tables])
+    factor_N = jnp.asarray(np.asarray([factor for _, factor in tables], np.float32))
+    return inv_NR[index_L], factor_N[index_L]
+
+
+def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array, factor=1.0) -> jax.Array:
+    """Rotate the first R = 2 * len(inv_freq) dims of each head by position (HF's rotate-half
+    convention within them; the rest pass through), in float32; cos/sin are scaled by `factor`.
 
     Example:
         >>> x = jnp.ones((1, 1, 1, 4))
         >>> apply_rotary(x, jnp.zeros((1, 1), int), jnp.ones(2)).tolist()  # position 0: unchanged
         [[[[1.0, 1.0, 1.0, 1.0]]]]
     """
+    rot = 2 * inv_freq.shape[-1]
     angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    angles_BTK = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BTK), jnp.sin(angles_BTK)
+    angles_BTR = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BTR) * factor, jnp.sin(angles_BTR) * factor
     x = x_BTNK.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(x_BTNK.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
+    return out.astype(x_BTNK.dtype)
 
+
+# ----------------------------------------------------------------------------- attention
 
 class Attention(nnx.Module):
     """Multi-head attention with grouped key/value heads over an explicit cache."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = nnx.Linear(d, h * k, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.k = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.v = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(h * k, d, use_bias=cfg.out_bias, rngs=rngs)
+        a = cfg.attention
+        d, h, g, k = cfg.d_model, a.n_heads, a.n_kv_heads, a.head_dim
+        self.q = nnx.Linear(d, h * k, use_bias=a.qkv_bias, rngs=rngs)
+        self.k = nnx.Linear(d, g * k, use_bias=a.qkv_bias, rngs=rngs)
+        self.v = nnx.Linear(d, g * k, use_bias=a.qkv_bias, rngs=rngs)
+        self.o = nnx.Linear(h * k, d, use_bias=a.out_bias, rngs=rngs)
+        self.q_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm else None
+        self.k_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm else None
 
-    def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                 attend_BTS, layer_index, extra=None):
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None):
         b, t, _ = x_BTD.shape
-        h, g, k = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        a = cfg.attention
+        h, g, k = a.n_heads, a.n_kv_heads, a.head_dim
         q_BTHK = self.q(x_BTD).reshape(b, t, h, k)
         k_BTGK = self.k(x_BTD).reshape(b, t, g, k)
         v_BTGK = self.v(x_BTD).reshape(b, t, g, k)
-        if cfg.rope_theta is not None:
-            inv_freq = rotary_inverse_frequencies(cfg)
-            q_BTHK = apply_rotary(q_BTHK, positions_BT, inv_freq)
-            k_BTGK = apply_rotary(k_BTGK, positions_BT, inv_freq)
-        if k_BSGK is None or attend_BTS is None:  # encoder or fresh prefill: attend to the input
+        if a.qk_norm:
+            q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
+        if "inv_freq" in layer:
+            q_BTHK = apply_rotary(q_BTHK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
+            k_BTGK = apply_rotary(k_BTGK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
+        if k_BSGK is None:  # encoder or fresh prefill: attend to the input itself
             k_BSGK, v_BSGK = k_BTGK, v_BTGK
         else:
-            k_BSGK = jax.lax.dynamic_update_slice_in_dim(k_BSGK, k_BTGK.astype(k_BSGK.dtype), fill, 1)
-            v_BSGK = jax.lax.dynamic_update_slice_in_dim(v_BSGK, v_BTGK.astype(v_BSGK.dtype), fill, 1)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            q_BTHK = q_BTHK / (layer_index + 1).astype(q_BTHK.dtype)
-        scale = 1.0 / math.sqrt(k) if cfg.scale_attn_weights else 1.0
-        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra)
+            k_BSGK = write_slots(k_BSGK, k_BTGK, ctx["slots"])
+            v_BSGK = write_slots(v_BSGK, v_BTGK, ctx["slots"])
+        if a.scale_by_inverse_layer:
+            q_BTHK = q_BTHK / (layer["index"] + 1).astype(q_BTHK.dtype)
+        attend_BTS = ctx["attend"]
+        if attend_BTS is not None and cfg.sliding_layers:
+            near_BTS = ctx["positions"][:, :, None] - ctx["key_positions"][:, None, :] < layer["window"]
+            attend_BTS = attend_BTS & near_BTS
+        scale = 1.0 / math.sqrt(k) if a.scale is None else a.scale
+        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra, a.softcap)
         return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+
+
+def write_slots(buffer_BSGK, new_BTGK, slots_T):
+    """`new` written into `buffer` at slots `slots_T` (consecutive modulo the size).
+
+    Example:
+        >>> write_slots(jnp.zeros((1, 3, 1, 1)), jnp.ones((1, 2, 1, 1)), jnp.array([2, 0]))[0, :, 0, 0].tolist()
+        [1.0, 0.0, 1.0]
+    """
+    new_BTGK = new_BTGK.astype(buffer_BSGK.dtype)
+    if new_BTGK.shape[1] == 1:  # one decode step: a cheap in-place update
+        return jax.lax.dynamic_update_slice_in_dim(buffer_BSGK, new_BTGK, slots_T[0], 1)
+    return buffer_BSGK.at[:, slots_T].set(new_BTGK, unique_indices=True)
 
 
 def _use_cudnn(dtype) -> bool:
@@ -187,12 +299,13 @@ def _use_cudnn(dtype) -> bool:
     return choice == "cudnn"
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None):
+def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, softcap=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
     `attend_BTS` is a boolean mask; None means plain causal attention over the
     queries' own keys (S == T), where a fused kernel can be used.
 
+    `softcap`, optional, squashes the scores to (-softcap, softcap) (Gemma 2).
     `extra`, optional, is `(k_BMGK, v_BMGK, gate_H)`: M more key/value slots that every
     query may read. Head h returns `(1 - gate[h]) * plain + gate[h] * joint`, where `joint`
     is the attention over the extra slots and the keys together (one softmax, as if the
@@ -208,7 +321,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None):
     b, t, h, k = q_BTHK.shape
     g = k_BSGK.shape[2]
     if attend_BTS is None:
-        if extra is None and _use_cudnn(q_BTHK.dtype):
+        if extra is None and softcap is None and _use_cudnn(q_BTHK.dtype):
             return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
@@ -220,6 +333,8 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None):
     v_BGSK = v_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
     scores_BGRTS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK,
                               preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
+    if softcap is not None:
+        scores_BGRTS = softcap * jnp.tanh(scores_BGRTS / softcap)
     # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
     scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
     # Softmax with the normalisation applied after the value product: one pass less
@@ -232,11 +347,13 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None):
     den_BGRT1 = weights_BGRTS.sum(axis=-1, keepdims=True)
     out_BGRTK = num_BGRTK / den_BGRT1
     if extra is not None:
-        out_BGRTK = _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, *extra, scale)
+        out_BGRTK = _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, *extra, scale,
+                                     softcap)
     return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(q_BTHK.dtype)
 
 
-def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMGK, v_BMGK, gate_H, scale):
+def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMGK, v_BMGK, gate_H, scale,
+                     softcap=None):
     """`out + gate * (joint - out)`: joint = softmax over [extra slots, keys], from the keys' sums.
 
     The keys' unnormalised sums are rescaled to a shift that also covers the extra
@@ -249,6 +366,8 @@ def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMG
     v_BGMK = v_BMGK.astype(dtype).transpose(0, 2, 1, 3)
     scores_BGRTM = jnp.einsum("bgqk,bgmk->bgqm", q_BGQK, k_BGMK,
                               preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
+    if softcap is not None:
+        scores_BGRTM = softcap * jnp.tanh(scores_BGRTM / softcap)
     joint_shift_BGRT1 = jax.lax.stop_gradient(jnp.maximum(shift_BGRT1, scores_BGRTM.max(axis=-1, keepdims=True)))
     rescale_BGRT1 = jnp.exp(shift_BGRT1 - joint_shift_BGRT1)
     weights_BGRTM = jnp.exp(scores_BGRTM - joint_shift_BGRT1)
@@ -261,40 +380,82 @@ def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMG
 
 
 class Mlp(nnx.Module):
-    """Two-layer MLP, or the gated (SwiGLU) variant when `cfg.gated_mlp`."""
+    """Two-layer MLP, or the gated variant (`act(gate(x)) * up(x)`) when `cfg.mlp.gated`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, rngs=rngs)
-        self.gate = (nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, rngs=rngs)
-                     if cfg.gated_mlp else None)
-        self.down = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=cfg.mlp_bias, rngs=rngs)
+        m = cfg.mlp
+        self.up = nnx.Linear(cfg.d_model, m.d_ff, use_bias=m.bias, rngs=rngs)
+        self.gate = nnx.Linear(cfg.d_model, m.d_ff, use_bias=m.bias, rngs=rngs) if m.gated else None
+        self.down = nnx.Linear(m.d_ff, cfg.d_model, use_bias=m.bias, rngs=rngs)
 
     def __call__(self, cfg: ModelConfig, x_BTD):
-        act = activation(cfg.activation)
-        hidden_BTF = act(self.gate(x_BTD)) * self.up(x_BTD) if cfg.gated_mlp else act(self.up(x_BTD))
+        act = activation(cfg.mlp.activation)
+        hidden_BTF = act(self.gate(x_BTD)) * self.up(x_BTD) if cfg.mlp.gated else act(self.up(x_BTD))
         return self.down(hidden_BTF)
 
 
 class Block(nnx.Module):
-    """One transformer layer: attention and MLP sublayers with pre- or post-norm residuals."""
+    """One transformer layer: attention and MLP sub-layers with their norms and residuals."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        sandwich = cfg.norm.placement == "sandwich"
         self.attn_norm = Norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = Norm(cfg, cfg.d_model) if sandwich else None
         self.mlp_norm = Norm(cfg, cfg.d_model)
         self.mlp = Mlp(cfg, rngs=rngs)
+        self.post_mlp_norm = Norm(cfg, cfg.d_model) if sandwich else None
 
-    def __call__(self, cfg: ModelConfig, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                 attend_BTS, layer_index, extra=None):
-        if cfg.pre_norm:
-            a, k_BSGK, v_BSGK = self.attn(cfg, self.attn_norm(x_BTD), positions_BT, k_BSGK,
-                                          v_BSGK, fill, attend_BTS, layer_index, extra)
-            x_BTD = x_BTD + a
-            return x_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
-        a, k_BSGK, v_BSGK = self.attn(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                                      attend_BTS, layer_index, extra)
-        x_BTD = self.attn_norm(x_BTD + a)
-        return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None):
+        def attn(h_BTD):
+            return self.attn(cfg, h_BTD, ctx, layer, k_BSGK, v_BSGK, extra)
+
+        placement = cfg.norm.placement
+        if placement == "post":  # BERT, OPT without layer_norm_before
+            a_BTD, k_BSGK, v_BSGK = attn(x_BTD)
+            x_BTD = self.attn_norm(x_BTD + a_BTD)
+            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
+        a_BTD, k_BSGK, v_BSGK = attn(self.attn_norm(x_BTD))
+        if cfg.norm.parallel:  # GPT-NeoX: both sub-layers read the block input
+            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
+        if placement == "sandwich":
+            a_BTD = self.post_attn_norm(a_BTD)
+        x_BTD = x_BTD + a_BTD
+        m_BTD = self.mlp(cfg, self.mlp_norm(x_BTD))
+        if placement == "sandwich":
+            m_BTD = self.post_mlp_norm(m_BTD)
+        return x_BTD + m_BTD, k_BSGK, v_BSGK
+
+
+# Logical axes of every Block parameter (without the leading "layers" axis). A parameter
+# missing here is an error in `block_axes`, so nothing is replicated by accident.
+BLOCK_AXES = {
+    "attn/q/kernel": ("embed", "q_heads"), "attn/q/bias": ("q_heads",),
+    "attn/k/kernel": ("embed", "kv_heads"), "attn/k/bias": ("kv_heads",),
+    "attn/v/kernel": ("embed", "kv_heads"), "attn/v/bias": ("kv_heads",),
+    "attn/o/kernel": ("q_heads", "embed"), "attn/o/bias": ("norm",),
+    "attn/q_norm/scale": ("head_dim",), "attn/k_norm/scale": ("head_dim",),
+    "mlp/up/kernel": ("embed", "mlp"), "mlp/up/bias": ("mlp",),
+    "mlp/gate/kernel": ("embed", "mlp"), "mlp/gate/bias": ("mlp",),
+    "mlp/down/kernel": ("mlp", "embed"), "mlp/down/bias": ("norm",),
+    **{f"{n}/{p}": ("norm",) for n in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
+       for p in ("scale", "bias")},
+}
+
+
+def block_axes(cfg: ModelConfig) -> dict:
+    """Logical axes of the stacked block weights, as a tree like `init_block_weights`'.
+
+    Example:
+        >>> # block_axes(cfg)["attn"]["q"]["kernel"] == ("layers", "embed", "q_heads")
+    """
+    def axes(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name not in BLOCK_AXES:
+            raise ConfigError(f"block parameter {name!r} has no logical axes; declare them in BLOCK_AXES")
+        return ("layers",) + BLOCK_AXES[name]
+
+    return jax.tree_util.tree_map_with_path(axes, _block_template(cfg)[2])
 
 
 _LAYER_REMAT: contextvars.ContextVar = contextvars.ContextVar("makemost_layer_remat", default=None)
@@ -321,8 +482,9 @@ def remat_layers(policy):
 
 @functools.cache
 def _block_template(cfg: ModelConfig):
-    """(graphdef, abstract state) of one Block; built once per config, no allocation."""
-    return nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    """(graphdef, abstract state, abstract pure dict) of one Block; built once per config."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, state, _to_pure_dict(state)
 
 
 def init_block_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -338,34 +500,52 @@ def init_block_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> d
     return jax.tree.map(lambda w: w.astype(dtype), weights)
 
 
-def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, positions_BT, attend_BTS,
-               k_LBSGK=None, v_LBSGK=None, fill=0, return_hidden: bool = False, extra_kv=None):
-    """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
+def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None, slots_T=None) -> dict:
+    """What every layer's attention needs besides its weights.
 
-    `k_LBSGK`/`v_LBSGK` are the cache buffers (None for encoders); the new tokens'
-    keys and values are written at slots [fill, fill + T). `extra_kv`, optional, is a
-    triple `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into
-    every query's attention by a per-head gate (see `attention` and `forward`).
+    `attend_BTS`: which keys each query may see before any sliding window (None: plain
+    causal over the queries themselves); `key_positions_BS`: each key slot's position (for
+    windows); `slots_T`: the cache slots the new keys are written to.
 
     Example:
-        >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, pos, attend, cache.k, cache.v, cache.fill)
+        >>> # ctx = attention_context(positions_BT, attend_BTS, cache.positions, slots_T)
     """
-    graphdef, abstract_state = _block_template(cfg)
+    return {"positions": positions_BT, "attend": attend_BTS,
+            "key_positions": positions_BT if key_positions_BS is None else key_positions_BS, "slots": slots_T}
 
-    def step(x_BTD, layer):
-        weights, layer_index, k_BSGK, v_BSGK, extra = layer
+
+def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=None, v_LBSGK=None,
+               return_hidden: bool = False, extra_kv=None):
+    """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
+
+    `ctx` comes from `attention_context`. `k_LBSGK`/`v_LBSGK` are the cache buffers (None
+    for encoders and fresh prefills). Per-layer settings (index, sliding window, rotary
+    frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
+    `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
+    query's attention by a per-head gate (see `attention` and `forward`).
+
+    Example:
+        >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, ctx, cache.k, cache.v)
+    """
+    graphdef, abstract_state, _ = _block_template(cfg)
+    windows = np.asarray([NO_WINDOW if k.window is None else k.window for k in cfg.layers], np.int32)
+    per_layer = {"index": jnp.arange(cfg.n_layers), "window": jnp.asarray(windows)}
+    rotary = layer_rotary(cfg, ctx["positions"])
+    if rotary is not None:
+        per_layer["inv_freq"], per_layer["rope_factor"] = rotary
+
+    def step(x_BTD, xs):
+        weights, layer, k_BSGK, v_BSGK, extra = xs
         x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
-        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, positions_BT, k_BSGK, v_BSGK, fill,
-                                      attend_BTS, layer_index, extra)
+        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra)
         return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
-    layer_index = jnp.arange(cfg.n_layers)
     x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, layer_index, k_LBSGK, v_LBSGK, extra_kv))
+        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv))
     return x_BTD, k_LBSGK, v_LBSGK, hidden_LBTD

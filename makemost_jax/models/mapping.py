@@ -54,12 +54,13 @@ def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expect
              n_layers: int, ignored: Iterable[str] = (), dtype=jnp.float32) -> dict:
     """Build the weights pytree from HF tensors following `entries`.
 
-    `expected` is the abstract weights tree (`jax.eval_shape` of the family's init);
-    `ignored` lists HF names (or `{i}` templates) that may be present and are dropped
-    on purpose (e.g. GPT-2's causal-mask buffers).
+    `expected` is the abstract weights tree (`expected_shapes(cfg)`); entries whose path
+    it lacks are skipped (an optional weight this config does not have). `ignored` lists
+    HF names (or `{i}` templates) that may be present and are dropped on purpose (e.g.
+    GPT-2's causal-mask buffers).
 
     Example:
-        >>> # weights = assemble(tensors, _ENTRIES, expected_shapes(init_weights, cfg), cfg.n_layers)
+        >>> # weights = assemble(tensors, _ENTRIES, expected_shapes(cfg), cfg.n_layers)
     """
     used: set[str] = set()
     weights: dict = {}
@@ -112,10 +113,33 @@ def _missing(tree, path):
         return True
 
 
-def expected_shapes(init_fn, cfg):
-    """The abstract weights tree of `init_fn(cfg, key)` without allocating it.
+def expected_shapes(cfg):
+    """The abstract weights tree of `cfg` without allocating it.
 
     Example:
-        >>> # expected_shapes(gpt2.init_weights, cfg)["embed"]["tokens"].shape == (V, D)
+        >>> # expected_shapes(cfg)["embed"]["tokens"].shape == (V, D)
     """
-    return jax.eval_shape(lambda: init_fn(cfg, jax.random.key(0)))
+    from makemost_jax.models.model import init_weights
+
+    return jax.eval_shape(lambda: init_weights(cfg, jax.random.key(0)))
+
+
+def split_rows(tensors: dict, name: str, parts: dict[str, int], axis: int = 0) -> None:
+    """Replace the fused tensor `name` by its consecutive pieces along `axis`, in place.
+
+    `parts` maps each new name to its size; a fused tensor of the wrong size is an error
+    naming it. Absent tensors are left alone (the assembly reports what is missing).
+
+    Example:
+        >>> t = {"qkv": np.arange(6)}
+        >>> split_rows(t, "qkv", {"q": 2, "k": 2, "v": 2}); t["k"].tolist()
+        [2, 3]
+    """
+    if name not in tensors:
+        return
+    fused = np.asarray(tensors.pop(name))
+    if fused.shape[axis] != sum(parts.values()):
+        raise CheckpointError(f"tensor {name!r} has {fused.shape[axis]} rows along axis {axis}, but the config "
+                              f"implies {sum(parts.values())}; the checkpoint and its config.json do not match")
+    for piece, (new, _) in zip(np.split(fused, np.cumsum(list(parts.values()))[:-1], axis=axis), parts.items()):
+        tensors[new] = piece

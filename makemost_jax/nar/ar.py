@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError
-from makemost_jax.models import token_logprobs
+from makemost_jax.models import bert, token_logprobs
 from makemost_jax.nar.model import Seq2SeqParams, check_source, cross_kv, decoder_logits, encode, target_positions
 
 
@@ -70,7 +70,7 @@ def _greedy(params: Seq2SeqParams, source_BS, source_mask_BS):
     def body(carry):
         i, token_B, cache, out_BT, done_B, lengths_B = carry
         attend = (jnp.arange(c) <= i)[None, None, :]
-        position = jnp.full((b, 1), i + mc.position_offset)
+        position = jnp.full((b, 1), i + bert.position_start(mc))
         logits, cache = decoder_logits(params, token_B[:, None], position, attend, ck, cv, cross_attend,
                                        cache=cache, fill=i)
         logits_BV = logits[:, 0].at[:, banned].set(-jnp.inf)

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models import bert
+from makemost_jax.models import bert, model
 from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.layers import activation, attention, norm, run_blocks
+from makemost_jax.models.layers import BLOCK_AXES, activation, attention, attention_context, norm, run_blocks
 from makemost_jax.models.types import Params
 
 
@@ -78,7 +78,7 @@ class Seq2SeqConfig:
         if self.max_source < 3 or self.max_target < 1:
             raise ConfigError(f"max_source={self.max_source} must be >= 3 and max_target={self.max_target} >= 1")
         longest = max(self.max_source, self.max_target + 1)
-        if longest + self.model.position_offset > self.model.max_positions:
+        if longest + bert.position_start(self.model) > self.model.max_positions:
             raise ConfigError(f"max_source={self.max_source} / max_target={self.max_target} exceed the encoder's "
                               f"context of {self.model.max_positions} positions; lower them")
         ids = (self.pad_id, self.cls_id, self.sep_id, self.mask_id)
@@ -105,6 +105,27 @@ class Seq2SeqParams:
     @property
     def num_parameters(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.weights))
+
+    def logical_axes(self) -> dict:
+        """Logical axes of every weight: the MLM's for encoder and decoder, its attention's
+        for the cross-attention, (embed, norm) for the length head.
+
+        Example:
+            >>> # sharding.logical_axes(params)["decoder"]["layers"]["cross"]["q"]["kernel"]
+            >>> # ('layers', 'embed', 'q_heads')
+        """
+        cfg = self.config.model
+        enc, dec = self.weights["encoder"], self.weights["decoder"]
+        plain = {**dec, "layers": {k: v for k, v in dec["layers"].items() if k != "cross"}}
+        dec_axes = model.weight_axes(cfg, plain)
+        cross = jax.tree_util.tree_map_with_path(
+            lambda path, _: ("layers",) + BLOCK_AXES["attn/" + "/".join(str(p.key) for p in path)],
+            dec["layers"]["cross"])
+        axes = {"encoder": model.weight_axes(cfg, enc),
+                "decoder": {**dec_axes, "layers": {**dec_axes["layers"], "cross": cross}}}
+        if "length" in self.weights:
+            axes["length"] = {"kernel": ("embed", "norm"), "bias": ("norm",)}
+        return axes
 
 
 def _special_id(tokenizer, *names):
@@ -163,7 +184,7 @@ def add_mlm_head(params: Params) -> Params:
     head = {"dense": {"kernel": jnp.eye(d, dtype=dtype), "bias": jnp.zeros((d,), dtype)},
             "norm": {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)},
             "bias": jnp.zeros((cfg.vocab_size,), dtype)}
-    return Params(cfg.replace(has_lm_head=True), {**params.weights, "mlm_head": head})
+    return Params(cfg.with_head("mlm"), {**params.weights, "mlm_head": head})
 
 
 def seq2seq_config(mlm: Params, tokenizer, max_source: int, max_target: int,
@@ -187,7 +208,7 @@ def init_seq2seq(mlm: Params, config: Seq2SeqConfig, key: jax.Array | None = Non
                  random_init: bool = False) -> Seq2SeqParams:
     """Encoder and decoder initialised from `mlm` (or at random with the same recipe).
 
-    `random_init=True` draws fresh BERT weights (`bert.init_weights`, key `key`) for the
+    `random_init=True` draws fresh BERT weights (`models.model.init_weights`, key `key`) for the
     encoder and for the decoder instead of copying the MLM: the baseline that measures the
     value of MLM initialisation. Cross-attention and the length head are initialised the
     same way in both cases (cross q/k/v = self-attention q/k/v, o = 0; length head = 0).
@@ -205,7 +226,7 @@ def init_seq2seq(mlm: Params, config: Seq2SeqConfig, key: jax.Array | None = Non
         if key is None:
             raise ConfigError("random_init=True needs a key")
         k_enc, k_dec = jax.random.split(key)
-        enc, dec = bert.init_weights(cfg, k_enc, mlm.dtype), bert.init_weights(cfg, k_dec, mlm.dtype)
+        enc, dec = model.init_weights(cfg, k_enc, mlm.dtype), model.init_weights(cfg, k_dec, mlm.dtype)
     else:
         enc, dec = _copy(mlm.weights), _copy(mlm.weights)
     enc = {k: v for k, v in enc.items() if k != "mlm_head"}
@@ -230,9 +251,9 @@ def encode(params: Seq2SeqParams, source_BS, source_mask_BS):
     w = params.weights["encoder"]
     mask_BS = source_mask_BS.astype(bool)
     positions_BS = bert.default_positions(cfg, source_BS, mask_BS)
-    x_BSD = bert.embed(cfg, w, source_BS, positions_BS)
+    x_BSD = model.embed(cfg, w, source_BS, positions_BS)
     attend_BSS = jnp.broadcast_to(mask_BS[:, None, :], mask_BS.shape + mask_BS.shape[1:])
-    x_BSD, _, _, _ = run_blocks(cfg, w["layers"], x_BSD, positions_BS, attend_BSS)
+    x_BSD, _, _, _ = run_blocks(cfg, w["layers"], x_BSD, attention_context(positions_BS, attend_BSS))
     return x_BSD
 
 
@@ -308,9 +329,9 @@ def decoder_logits(params: Seq2SeqParams, target_BT, positions_BT, self_attend_B
         x_BTD = norm(cfg, lw["mlp_norm"], x_BTD + _dense(lw["mlp"]["down"], h_BTF))
         return x_BTD, (k_BCHK, v_BCHK)
 
-    x_BTD = bert.embed(cfg, w, target_BT, positions_BT)
+    x_BTD = model.embed(cfg, w, target_BT, positions_BT)
     x_BTD, (k_cache, v_cache) = jax.lax.scan(layer, x_BTD, (w["layers"], cross_k, cross_v, k_cache, v_cache))
-    logits_BTV, _ = bert.head(cfg, w, x_BTD)
+    logits_BTV, _ = model.head(cfg, w, x_BTD)
     return logits_BTV, None if cache is None else (k_cache, v_cache)
 
 
@@ -320,7 +341,8 @@ def target_positions(config: Seq2SeqConfig, target_BT):
     Example:
         >>> # target_positions(config, y_BT)[0].tolist() == [0, 1, ..., T - 1] for BERT
     """
-    return jnp.broadcast_to(jnp.arange(target_BT.shape[1]) + config.model.position_offset, target_BT.shape)
+    cfg = config.model
+    return jnp.broadcast_to(jnp.arange(target_BT.shape[1]) + bert.position_start(cfg), target_BT.shape)
 
 
 def nar_logits(params: Seq2SeqParams, target_BT, target_mask_BT, cross_k, cross_v, source_mask_BS):

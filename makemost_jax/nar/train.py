@@ -86,14 +86,11 @@ def train_seq2seq(params: Seq2SeqParams, batches, config: TrainConfig, sundae: S
 
 
 def _config_json(config: Seq2SeqConfig) -> dict:
-    return {**dataclasses.asdict(config), "model": dataclasses.asdict(config.model)}
+    return {**dataclasses.asdict(config), "model": config.model.to_dict()}
 
 
 def _config_from_json(meta: dict) -> Seq2SeqConfig:
-    model = meta["model"]
-    if model.get("rope_scaling") is not None:
-        model["rope_scaling"] = tuple(tuple(x) for x in model["rope_scaling"])
-    return Seq2SeqConfig(**{**meta, "model": ModelConfig(**model)})
+    return Seq2SeqConfig(**{**meta, "model": ModelConfig.from_dict(meta["model"])})
 
 
 def save_seq2seq(directory: str, params: Seq2SeqParams, tokenizer_source: str | None = None) -> str:
