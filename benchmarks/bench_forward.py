@@ -12,6 +12,7 @@ model FLOPs utilisation (MFU) of both frameworks against it.
 Example:
     python benchmarks/bench_forward.py                        # CPU, float32, batch 2 x 256
     python benchmarks/bench_forward.py --dtype bfloat16 --batch 16 --length 1024   # GPU
+    python benchmarks/bench_forward.py --shapes families --tag cpu_families       # one row per family
 """
 
 from __future__ import annotations
@@ -45,13 +46,37 @@ SHAPES = {
         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         attn_implementation="sdpa"),
 }
+# One ~100M-parameter-class shape per family (random weights, each family's own features
+# switched on: windows shorter than the sequence, soft-capping, partial rotary, projections),
+# so that no family is a slow path: `--shapes families`.
+_FAMILY = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+               attn_implementation="sdpa")
+FAMILY_SHAPES = {
+    "mistral": lambda: transformers.MistralConfig(**_FAMILY, sliding_window=128),
+    "qwen2": lambda: transformers.Qwen2Config(**_FAMILY, use_sliding_window=True, sliding_window=128,
+                                              max_window_layers=4),
+    "qwen3": lambda: transformers.Qwen3Config(**_FAMILY, head_dim=64),
+    "gemma": lambda: transformers.GemmaConfig(**_FAMILY, head_dim=64),
+    "gemma2": lambda: transformers.Gemma2Config(**{**_FAMILY, "attn_implementation": "eager"}, head_dim=64,
+                                                sliding_window=128, query_pre_attn_scalar=64),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**_FAMILY, head_dim=64, sliding_window=128,
+                                                         query_pre_attn_scalar=64),
+    "phi3": lambda: transformers.Phi3Config(**_FAMILY, partial_rotary_factor=0.75),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**{k: v for k, v in _FAMILY.items() if k != "num_key_value_heads"},
+                                                   rotary_pct=0.25),
+    "opt": lambda: transformers.OPTConfig(vocab_size=32000, hidden_size=512, ffn_dim=1536, num_hidden_layers=8,
+                                          num_attention_heads=8, max_position_embeddings=2048,
+                                          word_embed_proj_dim=256, attn_implementation="sdpa"),
+}
+SHAPES.update(FAMILY_SHAPES)
 
 
 def forward_flops(cfg, batch: int, length: int) -> float:
     """Matmul FLOPs of one scoring forward (projections, attention, LM head)."""
     d, f, n_layers = cfg.d_model, cfg.d_ff, cfg.n_layers
     qkvo = 2 * d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.n_heads * cfg.head_dim * d
-    mlp = 2 * d * f * (3 if cfg.gated_mlp else 2)
+    mlp = 2 * d * f * (3 if cfg.mlp.gated else 2)
     attention = 2 * 2 * length * cfg.n_heads * cfg.head_dim  # scores + weighted sum, full T x T
     head = 2 * d * cfg.vocab_size
     return batch * length * (n_layers * (qkvo + mlp + attention) + head)
@@ -168,7 +193,8 @@ def main(argv=None):
     if peak:
         info["measured_matmul_tflops"] = round(peak / 1e12, 1)
     rows = []
-    for name in args.shapes.split(","):
+    names = list(FAMILY_SHAPES) if args.shapes == "families" else args.shapes.split(",")
+    for name in names:
         row = bench_shape(name, args.dtype, args.batch, args.length, args.repeats, device)
         if peak:
             row["mfu_jax"] = row["jax_tflops"] * 1e12 / peak

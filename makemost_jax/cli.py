@@ -287,10 +287,19 @@ def cmd_fewshot(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from makemost_jax.loading import model_summary
+    from makemost_jax.errors import MakemostError
+    from makemost_jax.loading import load_tokenizer, model_summary
+    from makemost_jax.models.registry import family_of
 
+    args.model = args.model_option or args.model
     params, _, load_seconds = _load(args.model, args.dtype, tokenizer=False)
     summary = model_summary(params)
+    summary["gguf_architecture"] = family_of(params.config.hf_model_type).gguf
+    try:
+        tok = load_tokenizer(args.model)
+        summary["tokenizer"] = f"{tok.name or type(tok.backend).__name__}, {tok.vocab_size} ids"
+    except MakemostError as e:  # a checkpoint without tokenizer files still describes its model
+        summary["tokenizer"] = f"none found ({str(e).splitlines()[0][:80]})"
     if not args.json:
         _print_table(f"model {args.model}", {**summary, "load seconds": load_seconds})
     return {"command": "info", "model": args.model, **summary, "load_seconds": load_seconds}
@@ -639,7 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32, help="sources per batch (default 32)")
     r.set_defaults(run=cmd_nar_translate)
 
-    p = sub.add_parser("info", parents=[common, with_model], help="architecture and size of a model")
+    p = sub.add_parser("info", parents=[common], help="family, size, context, attention pattern and tokenizer")
+    p.add_argument("model", metavar="MODEL", nargs="?", default="default", help=DEFAULT_MODEL_HELP)
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype (default float32)")
     p.set_defaults(run=cmd_info)
     return parser
 

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,8 @@ class KVCache:
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
     next_position: jax.Array  # (B,) int32: position id of each row's next token
 
-    ROW_AXES = {"k": 1, "v": 1, "positions": 0, "next_position": 0}  # fields with a batch axis
-    SLOT_AXES = {"k": 2, "v": 2, "positions": 1}  # fields with a slot axis
+    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "positions": 0, "next_position": 0}  # fields with a batch axis
+    SLOT_AXES: ClassVar[dict] = {"k": 2, "v": 2, "positions": 1}  # fields with a slot axis
 
     @property
     def size(self) -> int:

@@ -276,7 +276,7 @@ def rope_parameters(hf: Mapping[str, Any], layer_type: str | None = None) -> dic
 
     Example:
         >>> rope_parameters({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
-        {'rope_theta': 500000.0, 'rope_type': 'linear', 'factor': 2.0}
+        {'rope_theta': 500000.0, 'factor': 2.0, 'rope_type': 'linear'}
     """
     params = dict(hf.get("rope_parameters") or {})
     if layer_type is not None and isinstance(params.get(layer_type), Mapping):

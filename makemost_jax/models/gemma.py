@@ -26,8 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.models import llama
-from makemost_jax.models.config import (EmbedConfig, HeadConfig, LayerKind, ModelConfig, activation_name, refuse,
-                                        require, rotary_config)
+from makemost_jax.models.config import (
+    EmbedConfig,
+    HeadConfig,
+    LayerKind,
+    ModelConfig,
+    activation_name,
+    refuse,
+    require,
+    rotary_config,
+)
 
 _DEFAULTS = {"gemma": dict(head_dim=256, tie_word_embeddings=True),
              "gemma2": dict(head_dim=256, tie_word_embeddings=True, query_pre_attn_scalar=256,

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-
 from makemost_jax.models import mapping
-from makemost_jax.models.config import (AttentionConfig, EmbedConfig, HeadConfig, MlpConfig, ModelConfig,
-                                        NormConfig, activation_name, require)
+from makemost_jax.models.config import (
+    AttentionConfig,
+    EmbedConfig,
+    HeadConfig,
+    MlpConfig,
+    ModelConfig,
+    NormConfig,
+    activation_name,
+    require,
+)
 
 
 def config_from_hf(hf) -> ModelConfig:

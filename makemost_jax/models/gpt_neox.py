@@ -19,8 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.models import mapping
-from makemost_jax.models.config import (AttentionConfig, HeadConfig, LayerKind, MlpConfig, ModelConfig, NormConfig,
-                                        activation_name, require, rotary_config)
+from makemost_jax.models.config import (
+    AttentionConfig,
+    HeadConfig,
+    LayerKind,
+    MlpConfig,
+    ModelConfig,
+    NormConfig,
+    activation_name,
+    require,
+    rotary_config,
+)
 
 
 def config_from_hf(hf) -> ModelConfig:

@@ -153,7 +153,9 @@ def rotary_frequencies(rot: RotaryConfig, head_dim: int, seq_len=None):
         scale = s.get("factor") or rot.max_positions / original
         factor = s.get("attention_factor")
         if factor is None:
-            mscale = lambda m: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+            def mscale(m):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
             factor = (mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
                       if s.get("mscale") and s.get("mscale_all_dim") else mscale(1.0))
         beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
@@ -201,7 +203,7 @@ def layer_rotary(cfg: ModelConfig, positions_BT):
     if cfg.rotary is None:
         return None
     seq_len = jnp.max(positions_BT) + 1
-    kinds = sorted(set(k.rotary for k in cfg.layers), key=repr)
+    kinds = sorted({k.rotary for k in cfg.layers}, key=repr)
     tables = [rotary_frequencies(kind, cfg.head_dim, seq_len) for kind in kinds]
     # Gathered by a constant index, so the program does not grow with depth.
     index_L = np.asarray([kinds.index(k.rotary) for k in cfg.layers], np.int32)

@@ -15,13 +15,22 @@ Example:
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError
 from makemost_jax.models import mapping
-from makemost_jax.models.config import (AttentionConfig, HeadConfig, LayerKind, MlpConfig, ModelConfig, NormConfig,
-                                        activation_name, refuse, require, rotary_config)
+from makemost_jax.models.config import (
+    AttentionConfig,
+    HeadConfig,
+    LayerKind,
+    MlpConfig,
+    ModelConfig,
+    NormConfig,
+    activation_name,
+    refuse,
+    require,
+    rotary_config,
+)
 
 
 def decoder_config(hf, family: str, *, qkv_bias: bool | None = None, out_bias: bool | None = None,

@@ -28,8 +28,15 @@ import jax.numpy as jnp
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, init_cache
 from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.layers import (activation, attention_context, block_axes, init_block_weights, norm,
-                                        norm_weights, run_blocks)
+from makemost_jax.models.layers import (
+    activation,
+    attention_context,
+    block_axes,
+    init_block_weights,
+    norm,
+    norm_weights,
+    run_blocks,
+)
 from makemost_jax.models.registry import family_for
 from makemost_jax.models.types import ModelOutput, Params
 from makemost_jax.sharding import constrain

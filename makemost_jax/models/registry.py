@@ -80,3 +80,15 @@ def family_of(model_type: str) -> Family:
     """
     family_for(model_type)
     return _BY_TYPE[model_type]
+
+
+def markdown_table() -> str:
+    """The README's table of supported families, one row per registry entry.
+
+    Example:
+        >>> markdown_table().splitlines()[2].startswith("| `gpt2` |")
+        True
+    """
+    rows = ["| model_type | Hugging Face | GGUF (llama.cpp arch) | notes |", "|---|---|---|---|"]
+    rows += [f"| `{f.model_type}` | yes | {f'`{f.gguf}`' if f.gguf else 'no'} | {f.notes} |" for f in FAMILIES]
+    return "\n".join(rows)
