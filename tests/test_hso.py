@@ -70,7 +70,7 @@ def test_cache_gradient_matches_finite_differences(family):
     for _ in range(3):  # directional derivatives <grad, u> for random u over every cached element
         u = tuple(jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in state.past)
         analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, u))
-        np.testing.assert_allclose(central(u, 1e-3), analytic, rtol=1.5e-2)  # float32 rounding: up to ~1%
+        np.testing.assert_allclose(central(u, 1e-3), analytic, rtol=5e-3)  # float32 rounding: ~0.3%
     for which in (0, 1):  # the largest single entries of the key and the value gradient
         index = np.unravel_index(int(jnp.argmax(jnp.abs(grad[which]))), grad[which].shape)
         one_hot = tuple(jnp.zeros_like(x).at[index].set(1.0) if i == which else jnp.zeros_like(x)
