@@ -45,38 +45,44 @@ def _tokens(batch: int, n: int, seed: int = 0, vocab: int = 61):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cache_gradient_matches_finite_differences(family):
-    """d NLL / d cache from jax.grad equals central differences, along random directions and per element."""
+    """d NLL / d cache from jax.grad equals central differences, along random directions and per element.
+
+    In float64: a float32 NLL of ~70 carries rounding of ~1e-5, which central differences
+    divide by 2h, so float32 could not tell a 1% gradient error from noise.
+    """
     from makemost_jax.hso import hso_segment_step
 
-    params = _params(family)
-    tokens = _tokens(2, 17, seed=1)
-    segments = lm_segments(tokens, np.array([17, 17]), segment=8)
-    state = init_state(params, 2, 8, offsets=False, update=False)
-    state, _, _ = hso_segment_step(params, state, jax.tree.map(lambda x: x[0], segments), HSOConfig().hyper())
-    second = jax.tree.map(lambda x: x[1], segments)
+    with jax.enable_x64(True):
+        params = _params(family, jnp.float64)
+        tokens = _tokens(2, 17, seed=1)
+        segments = lm_segments(tokens, np.array([17, 17]), segment=8)
+        state = init_state(params, 2, 8, offsets=False, update=False)
+        state, _, _ = hso_segment_step(params, state, jax.tree.map(lambda x: x[0], segments), HSOConfig().hyper())
+        second = jax.tree.map(lambda x: x[1], segments)
+        assert state.past[0].dtype == jnp.float64
 
-    @jax.jit
-    def loss(kv):
-        return segment_nll(params, kv, state, second)[0]
+        @jax.jit
+        def loss(kv):
+            return segment_nll(params, kv, state, second)[0]
 
-    grad = jax.grad(loss)(state.past)
+        grad = jax.grad(loss)(state.past)
 
-    def central(direction, h):  # float32 model: h trades rounding (small h) against curvature (large h)
-        plus = tuple(x + h * d for x, d in zip(state.past, direction))
-        minus = tuple(x - h * d for x, d in zip(state.past, direction))
-        return (float(loss(plus)) - float(loss(minus))) / (2 * h)
+        def central(direction, h=1e-5):  # float64: truncation O(h^2) and rounding both far below 1e-6
+            plus = tuple(x + h * d for x, d in zip(state.past, direction))
+            minus = tuple(x - h * d for x, d in zip(state.past, direction))
+            return (float(loss(plus)) - float(loss(minus))) / (2 * h)
 
-    rng = np.random.default_rng(0)
-    for _ in range(3):  # directional derivatives <grad, u> for random u over every cached element
-        u = tuple(jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in state.past)
-        analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, u))
-        np.testing.assert_allclose(central(u, 1e-3), analytic, rtol=5e-3)  # float32 rounding: ~0.3%
-    for which in (0, 1):  # the largest single entries of the key and the value gradient
-        index = np.unravel_index(int(jnp.argmax(jnp.abs(grad[which]))), grad[which].shape)
-        one_hot = tuple(jnp.zeros_like(x).at[index].set(1.0) if i == which else jnp.zeros_like(x)
-                        for i, x in enumerate(state.past))
-        np.testing.assert_allclose(central(one_hot, 1e-2), float(grad[which][index]), rtol=1e-2)
-        assert abs(float(grad[which][index])) > 1e-2  # not trivially zero
+        rng = np.random.default_rng(0)
+        for _ in range(3):  # directional derivatives <grad, u> for random u over every cached element
+            u = tuple(jnp.asarray(rng.normal(size=x.shape), jnp.float64) for x in state.past)
+            analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, u))
+            np.testing.assert_allclose(central(u), analytic, rtol=1e-6)
+        for which in (0, 1):  # the largest single entries of the key and the value gradient
+            index = np.unravel_index(int(jnp.argmax(jnp.abs(grad[which]))), grad[which].shape)
+            one_hot = tuple(jnp.zeros_like(x).at[index].set(1.0) if i == which else jnp.zeros_like(x)
+                            for i, x in enumerate(state.past))
+            np.testing.assert_allclose(central(one_hot), float(grad[which][index]), rtol=1e-6)
+            assert abs(float(grad[which][index])) > 1e-2  # not trivially zero
 
 
 # ----------------------------------------------------------------------------- per-slot Adam

@@ -124,7 +124,10 @@ def _shapes(config: ClassifierConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _scaled_table(params: Params) -> jax.Array:
+    """The input embeddings at the hidden width (through OPT's `project_in` where the table is narrower), unit RMS."""
     embed_VD = jnp.asarray(params["embed"]["tokens"], jnp.float32)
+    if "project_in" in params["embed"]:
+        embed_VD = embed_VD @ jnp.asarray(params["embed"]["project_in"]["kernel"], jnp.float32)
     return embed_VD / jnp.sqrt(jnp.mean(embed_VD ** 2))
 
 

@@ -2,7 +2,9 @@
 
 The pieces are shared with beam search: `prefill` (prompt into a cache sized for
 the whole output, outside the loop) and `decode_step` (one token per row through
-the cache). Prompts are left-padded to a bucketed length so that calls with other
+the cache). A model whose rotary frequencies switch at a length (longrope) is
+re-encoded once its sequences pass it, so every token is scored as the full forward
+of its prefix would score it (what transformers' Phi-3 generation does). Prompts are left-padded to a bucketed length so that calls with other
 prompt lengths in the same bucket reuse the compiled loop.
 
 Dimensions: B batch, T prompt length (padded), N new tokens, V vocabulary.
@@ -30,6 +32,7 @@ import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, cache_size, init_cache
+from makemost_jax.models.layers import rotary_switch_length
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -116,15 +119,16 @@ def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k", "top_p", "eos_id",
                                              "pad_id"))
-def _generate(params, prompts_BT, mask_BT, key, temperature, *, max_new_tokens, greedy, top_k,
+def _generate(params, prompts_BT, mask_BT, key, temperature, done_B, *, max_new_tokens, greedy, top_k,
               top_p, eos_id, pad_id):
+    """The jitted loop; rows with `done_B` set generate nothing. Returns (result, key, done_B)."""
     b = prompts_BT.shape[0]
     t = prompts_BT.shape[1]
     cache, logits_BV = prefill(params, prompts_BT, mask_BT, cache_size(params.config, t, t + max_new_tokens))
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits_BV, key=key,
                  tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                  logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-                 done=jnp.zeros((b,), bool))
+                 done=done_B)
 
     def cond(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -154,7 +158,8 @@ def _generate(params, prompts_BT, mask_BT, key, temperature, *, max_new_tokens, 
         is_eos_BN = (final["tokens"] == eos_id) & generated_BN
         first_eos_B = jnp.argmax(is_eos_BN, axis=1)
         lengths_B = jnp.where(is_eos_BN.any(1), first_eos_B + 1, final["step"])
-    return GenerationResult(final["tokens"], lengths_B, final["logprobs"])
+    lengths_B = jnp.where(done_B, 0, lengths_B)
+    return GenerationResult(final["tokens"], lengths_B, final["logprobs"]), final["key"], final["done"]
 
 
 def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, key=None,
@@ -187,11 +192,23 @@ def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, ke
     if longest + max_new_tokens > cfg.max_positions:
         raise InputError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_positions}; shorten the prompt or generate less")
-    greedy = temperature == 0.0
+    run = functools.partial(_generate, params, temperature=jnp.float32(max(temperature, 1e-6)),
+                            greedy=temperature == 0.0, top_k=top_k, top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
     key = jax.random.key(0) if key is None else key
-    return _generate(params, jnp.asarray(tokens_BT), jnp.asarray(mask_BT), key,
-                     jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
-                     greedy=greedy, top_k=top_k, top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
+    tokens_BT, mask_BT, done_B = jnp.asarray(tokens_BT), jnp.asarray(mask_BT), jnp.zeros(len(tokens_BT), bool)
+    switch = rotary_switch_length(cfg)
+    before = max_new_tokens if switch is None else switch + 1 - longest  # tokens decoded before the switch
+    if not 1 <= before < max_new_tokens:
+        return run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=max_new_tokens)[0]
+    # Past the switch the cached keys (short factors) would not be the ones a full forward
+    # computes: re-encode prompt + generated tokens once, then decode on.
+    first, key, done_B = run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=before)
+    tokens_BT = jnp.concatenate([tokens_BT, first.tokens], axis=1)
+    mask_BT = jnp.concatenate([mask_BT, jnp.ones_like(first.tokens)], axis=1)
+    rest = run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=max_new_tokens - before)[0]
+    return GenerationResult(jnp.concatenate([first.tokens, rest.tokens], axis=1),
+                            jnp.where(done_B, first.lengths, before + rest.lengths),
+                            jnp.concatenate([first.logprobs, rest.logprobs], axis=1))
 
 
 def generate_text(params: Params, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,

@@ -52,6 +52,7 @@ from makemost_jax.hso.adam import (
     slot_adam_step,
 )
 from makemost_jax.models.cache import KVCache, extend_slots, init_cache
+from makemost_jax.models.layers import accumulation_dtype
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
@@ -208,7 +209,7 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
     cache = extend_slots(dataclasses.replace(state.cache(_absolute(params)), k=kv[0], v=kv[1]), s)
     positions_BS = segment_positions(params, state, seg)
     out = forward(params, seg.inputs, cache=cache, positions=positions_BS, mask=seg.mask)
-    logits_BSV = out.logits.astype(jnp.float32)
+    logits_BSV = out.logits.astype(accumulation_dtype(out.logits.dtype))
     target_logit_BS = jnp.take_along_axis(logits_BSV, seg.targets[..., None], axis=-1)[..., 0]
     nll_B = jnp.sum((jax.nn.logsumexp(logits_BSV, axis=-1) - target_logit_BS) * seg.weights, axis=1)
     new_kv = tuple(jax.lax.dynamic_slice_in_dim(x, state.fill, s, SLOT_AXIS) for x in (out.cache.k, out.cache.v))

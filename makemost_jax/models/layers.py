@@ -61,15 +61,26 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
+def accumulation_dtype(dtype):
+    """The dtype sums are taken in: float32 for 16- and 32-bit models, float64 for a float64 one
+    (so a float64 model, under `jax.enable_x64`, is float64 throughout: gradient checks need it).
+
+    Example:
+        >>> accumulation_dtype(jnp.bfloat16)
+        dtype('float32')
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def apply_norm(x, scale, bias, eps: float):
-    """LayerNorm (with `bias`) or RMSNorm (`bias=None`), statistics in float32.
+    """LayerNorm (with `bias`) or RMSNorm (`bias=None`), statistics in float32 (or wider).
 
     Example:
         >>> y = apply_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), None, 0.0)  # x / rms(x)
         >>> [round(float(v), 3) for v in y[0]]
         [0.849, 1.131]
     """
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accumulation_dtype(x.dtype))
     if bias is None:
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
         return (y * scale).astype(x.dtype)
@@ -185,6 +196,19 @@ def rotary_frequencies(rot: RotaryConfig, head_dim: int, seq_len=None):
     return np.asarray(inv_freq, np.float32), float(factor)
 
 
+def rotary_switch_length(cfg: ModelConfig) -> int | None:
+    """The sequence length past which the rotary frequencies change (longrope's original
+    context: short factors up to it, long ones beyond), or None when they never do within
+    the model's context.
+
+    Example:
+        >>> # rotary_switch_length(phi3_128k_config) == 4096
+    """
+    lengths = {dict(kind.rotary.scaling)["original_max_position_embeddings"]
+               for kind in cfg.layers if kind.rotary is not None and kind.rotary.kind == "longrope"}
+    return min(lengths) if lengths else None
+
+
 def rotary_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
     """The global layers' rotary frequencies (R/2,) at the model's own context.
 
@@ -222,10 +246,11 @@ def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array
         [[[[1.0, 1.0, 1.0, 1.0]]]]
     """
     rot = 2 * inv_freq.shape[-1]
-    angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    wide = accumulation_dtype(x_BTNK.dtype)
+    angles_BTk = positions_BT[..., None].astype(wide) * inv_freq.astype(wide)
     angles_BTR = jnp.concatenate([angles_BTk, angles_BTk], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles_BTR) * factor, jnp.sin(angles_BTR) * factor
-    x = x_BTNK.astype(jnp.float32)
+    x = x_BTNK.astype(wide)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
@@ -328,23 +353,24 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
     r = h // g
+    wide = accumulation_dtype(q_BTHK.dtype)
     # Fold the R query heads that share a key/value head into the query axis: one plain
     # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
     q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
     k_BGSK = k_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
     v_BGSK = v_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
     scores_BGRTS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK,
-                              preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
+                              preferred_element_type=wide).reshape(b, g, r, t, -1) * scale
     if softcap is not None:
         scores_BGRTS = softcap * jnp.tanh(scores_BGRTS / softcap)
     # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
-    scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+    scores_BGRTS = jnp.where(attend_BTS[:, None, None], scores_BGRTS, jnp.finfo(wide).min)
     # Softmax with the normalisation applied after the value product: one pass less
     # over the (T, S) scores. The max shift cancels exactly, so it carries no gradient.
     shift_BGRT1 = jax.lax.stop_gradient(scores_BGRTS.max(axis=-1, keepdims=True))
     weights_BGRTS = jnp.exp(scores_BGRTS - shift_BGRT1)
     num_BGQK = jnp.einsum("bgqs,bgsk->bgqk", weights_BGRTS.reshape(b, g, r * t, -1).astype(v_BGSK.dtype),
-                          v_BGSK, preferred_element_type=jnp.float32)
+                          v_BGSK, preferred_element_type=wide)
     num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
     den_BGRT1 = weights_BGRTS.sum(axis=-1, keepdims=True)
     out_BGRTK = num_BGRTK / den_BGRT1
@@ -363,21 +389,21 @@ def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMG
     hence exact when the gate is 0.
     """
     b, g, r, t, k = out_BGRTK.shape
-    dtype = q_BGQK.dtype
+    dtype, wide = q_BGQK.dtype, accumulation_dtype(q_BGQK.dtype)
     k_BGMK = k_BMGK.astype(dtype).transpose(0, 2, 1, 3)
     v_BGMK = v_BMGK.astype(dtype).transpose(0, 2, 1, 3)
     scores_BGRTM = jnp.einsum("bgqk,bgmk->bgqm", q_BGQK, k_BGMK,
-                              preferred_element_type=jnp.float32).reshape(b, g, r, t, -1) * scale
+                              preferred_element_type=wide).reshape(b, g, r, t, -1) * scale
     if softcap is not None:
         scores_BGRTM = softcap * jnp.tanh(scores_BGRTM / softcap)
     joint_shift_BGRT1 = jax.lax.stop_gradient(jnp.maximum(shift_BGRT1, scores_BGRTM.max(axis=-1, keepdims=True)))
     rescale_BGRT1 = jnp.exp(shift_BGRT1 - joint_shift_BGRT1)
     weights_BGRTM = jnp.exp(scores_BGRTM - joint_shift_BGRT1)
     extra_BGQK = jnp.einsum("bgqm,bgmk->bgqk", weights_BGRTM.reshape(b, g, r * t, -1).astype(dtype), v_BGMK,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=wide)
     joint_BGRTK = ((num_BGRTK * rescale_BGRT1 + extra_BGQK.reshape(b, g, r, t, k))
                    / (den_BGRT1 * rescale_BGRT1 + weights_BGRTM.sum(axis=-1, keepdims=True)))
-    gate_GR11 = gate_H.astype(jnp.float32).reshape(g, r, 1, 1)
+    gate_GR11 = gate_H.astype(wide).reshape(g, r, 1, 1)
     return out_BGRTK + gate_GR11 * (joint_BGRTK - out_BGRTK)
 
 

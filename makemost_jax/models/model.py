@@ -29,6 +29,7 @@ from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, init_cache
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import (
+    accumulation_dtype,
     activation,
     attention_context,
     block_axes,
@@ -156,7 +157,7 @@ def head(cfg: ModelConfig, weights: dict, x_BTD):
     Example:
         >>> # logits_BTV, final_BTD = head(cfg, weights, x_BTD)
     """
-    h = cfg.head
+    h, wide = cfg.head, accumulation_dtype(x_BTD.dtype)
     if h.kind == "none":
         return None, x_BTD
     if h.kind == "mlm":
@@ -164,15 +165,15 @@ def head(cfg: ModelConfig, weights: dict, x_BTD):
         y = activation(cfg.mlp.activation)(x_BTD @ m["dense"]["kernel"] + m["dense"]["bias"])
         y = norm(cfg, m["norm"], y)
         logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"],
-                            preferred_element_type=jnp.float32) + m["bias"]
+                            preferred_element_type=wide) + m["bias"]
         return logits, x_BTD
     if h.final_norm:
         x_BTD = norm(cfg, weights["final_norm"], x_BTD)
     y = x_BTD @ weights["project_out"]["kernel"] if cfg.embed.project_dim else x_BTD
     if h.tied:
-        logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"], preferred_element_type=wide)
     else:
-        logits = jnp.einsum("btd,dv->btv", y, weights["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", y, weights["lm_head"]["kernel"], preferred_element_type=wide)
     if h.softcap is not None:
         logits = h.softcap * jnp.tanh(logits / h.softcap)
     return logits, x_BTD
@@ -323,5 +324,5 @@ def token_logprobs(logits_BTV, targets_BT):
         >>> [round(float(v), 3) for v in logp[0]]
         [-1.386, -1.386]
     """
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(accumulation_dtype(logits_BTV.dtype)), axis=-1)
     return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]

@@ -83,7 +83,11 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
     Example:
         >>> # weights = weights_from_hf(cfg, read_hf_checkpoint("opt-125m")[1])
     """
-    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    # Entries take the file's own prefix, so an error names the tensor as the file spells it.
+    prefix = "model." if any(k.startswith("model.decoder.") for k in tensors) else ""
+    entries = [(path, name if name.startswith("lm_head.") else prefix + name, transpose)
+               for path, name, transpose in _ENTRIES]
+    tensors = dict(tensors)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype)
+    return mapping.assemble(tensors, entries, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype)
