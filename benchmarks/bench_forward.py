@@ -62,7 +62,7 @@ FAMILY_SHAPES = {
                                                 sliding_window=128, query_pre_attn_scalar=64),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(**_FAMILY, head_dim=64, sliding_window=128,
                                                          query_pre_attn_scalar=64),
-    "phi3": lambda: transformers.Phi3Config(**_FAMILY, partial_rotary_factor=0.75),
+    "phi3": lambda: transformers.Phi3Config(**_FAMILY, partial_rotary_factor=0.75, pad_token_id=0),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**{k: v for k, v in _FAMILY.items() if k != "num_key_value_heads"},
                                                    rotary_pct=0.25),
     "opt": lambda: transformers.OPTConfig(vocab_size=32000, hidden_size=512, ffn_dim=1536, num_hidden_layers=8,
