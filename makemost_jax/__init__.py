@@ -9,8 +9,9 @@ Example:
 
 from makemost_jax.decoding import GenerationResult, generate
 from makemost_jax.loading import load, load_tokenizer
-from makemost_jax.models import (KVCache, ModelConfig, ModelOutput, Params, forward,
-                                 from_hf_config, init_cache, init_params, token_logprobs)
+from makemost_jax.models import (EncodedSource, KVCache, ModelConfig, ModelOutput, Params, encode, encode_source,
+                                 forward, from_hf_config, init_cache, init_params, token_logprobs)
 
-__all__ = ["GenerationResult", "KVCache", "ModelConfig", "ModelOutput", "Params", "forward", "from_hf_config",
-           "generate", "init_cache", "init_params", "load", "load_tokenizer", "token_logprobs"]
+__all__ = ["EncodedSource", "GenerationResult", "KVCache", "ModelConfig", "ModelOutput", "Params", "encode",
+           "encode_source", "forward", "from_hf_config", "generate", "init_cache", "init_params", "load",
+           "load_tokenizer", "token_logprobs"]

@@ -62,12 +62,7 @@ def load(source: str | None = None, dtype="float32") -> Params:
         >>> params = load("path/to/hf_gpt2_dir", dtype="bfloat16")   # doctest: +SKIP
     """
     hf_config, tensors = read_checkpoint(source)
-    cfg = from_hf_config(hf_config)
-    if cfg.family == "bert":
-        from makemost_jax.models.bert import has_mlm_head
-
-        cfg = cfg.with_head("mlm" if has_mlm_head(tensors) else "none")
-    return params_from_hf(cfg, tensors, _dtype(dtype))
+    return params_from_hf(from_hf_config(hf_config, tensors), tensors, _dtype(dtype))
 
 
 def load_tokenizer(source: str | None = None):

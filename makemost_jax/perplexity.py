@@ -187,6 +187,7 @@ def _batch(tokens_N: np.ndarray, plan: WindowPlan, windows: range, rows: int, le
 
 def _check_settings(params: Params, n_tokens: int, context, stride, batch_size, n_words):
     cfg = params.config
+    cfg.require_decoder_only("perplexity over a text")
     if not cfg.causal:
         raise ConfigError(f"perplexity needs a causal language model; {cfg.hf_model_type or cfg.family} "
                           "is a bidirectional encoder (use a GPT-2 or Llama-family model)")

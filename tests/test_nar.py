@@ -59,13 +59,13 @@ def test_decoder_starts_as_the_mlm(hf, roberta):
     for seed in (0, 1):
         src = jnp.asarray(np.random.default_rng(seed).integers(5, 101, (2, 10)), jnp.int32)
         src_mask = jnp.ones_like(src).at[1, 7:].set(0)
-        ck, cv = nar.cross_kv(params, nar.encode(params, src, src_mask))
-        got = nar.nar_logits(params, target, jnp.ones_like(target), ck, cv, src_mask)
+        source = nar.cross_kv(params, nar.encode(params, src, src_mask), src_mask)
+        got = nar.nar_logits(params, target, jnp.ones_like(target), source)
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     # Not vacuous: once the cross-attention output projection is non-zero, the source changes the output.
-    o = params.weights["decoder"]["layers"]["cross"]["o"]
+    o = params.weights["model"]["layers"]["cross_attn"]["o"]
     o["kernel"] = o["kernel"] + 0.1
-    got = nar.nar_logits(params, target, jnp.ones_like(target), ck, cv, src_mask)
+    got = nar.nar_logits(params, target, jnp.ones_like(target), source)
     assert float(jnp.abs(got - want).max()) > 1e-2
 
 
@@ -85,8 +85,8 @@ def test_minilm_head_tied_and_zero_init():
     assert (config.pad_id, config.cls_id, config.sep_id, config.mask_id) == (0, 101, 102, 103)
     params = nar.init_seq2seq(bare, config)
     src, src_mask = nar.encode_sources(tok, ["And God said, Let there be light"], config)
-    ck, cv = nar.cross_kv(params, nar.encode(params, src, src_mask))
-    got = nar.nar_logits(params, tokens, jnp.ones_like(tokens), ck, cv, src_mask)
+    got = nar.nar_logits(params, tokens, jnp.ones_like(tokens), nar.cross_kv(params, nar.encode(params, src, src_mask),
+                                                                             src_mask))
     np.testing.assert_allclose(got, out.logits, atol=1e-4, rtol=0)
 
 
@@ -127,19 +127,20 @@ def _reference_logits(weights, cfg, src_row, tgt_row):
         return _ln(lw["mlp_norm"], x + _lin(lw["mlp"]["down"], jax.nn.gelu(_lin(lw["mlp"]["up"], x),
                                                                               approximate=False)), eps)
 
-    enc = embed(weights["encoder"], src_row)
+    decoder = weights["model"]
+    enc = embed(decoder["encoder"], src_row)
     for i in range(cfg.n_layers):
-        lw = layer(weights["encoder"]["layers"], i)
+        lw = layer(decoder["encoder"]["layers"], i)
         enc = mlp(lw, _ln(lw["attn_norm"], enc + _mha(lw["attn"], enc, enc, n_heads), eps))
-    x = embed(weights["decoder"], tgt_row)
+    x = embed(decoder, tgt_row)
     for i in range(cfg.n_layers):
-        lw = layer(weights["decoder"]["layers"], i)
+        lw = layer(decoder["layers"], i)
         x = _ln(lw["attn_norm"], x + _mha(lw["attn"], x, x, n_heads), eps)
-        x = mlp(lw, x + _mha(lw["cross"], x, enc, n_heads))
-    head = weights["decoder"]["mlm_head"]
+        x = mlp(lw, x + _mha(lw["cross_attn"], x, enc, n_heads))
+    head = decoder["mlm_head"]
     y = _ln(head["norm"], jax.nn.gelu(_lin(head["dense"], x), approximate=False), eps)
     length = enc.mean(0) @ weights["length"]["kernel"] + weights["length"]["bias"]
-    return y @ weights["decoder"]["embed"]["tokens"].T + head["bias"], length
+    return y @ decoder["embed"]["tokens"].T + head["bias"], length
 
 
 def _reference_sundae(weights, cfg, batch, corrupted, sampled):

@@ -55,9 +55,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from makemost_jax.decoding.sampling import decode_step, pad_prompts, prefill
+from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decode_step, decoder_inputs, prefill
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, cache_size, gather_rows, init_cache, repeat_rows
+from makemost_jax.models.cache import KVCache, cache_size, init_cache, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -95,12 +95,13 @@ class _Static:
     hidden_layer: int | None  # the term's layer; None without a term
 
 
-def _prefill(params: Params, prompts_BT, mask_BT, size: int, layer: int | None):
-    """Prompt into a fresh cache; (cache, last logits (B, V), last hidden (B, D) or None)."""
+def _prefill(params: Params, inputs: DecoderInputs, size: int, layer: int | None):
+    """Prompt (and source) into a fresh cache; (cache, last logits (B, V), last hidden (B, D) or None)."""
     if layer is None:
-        return (*prefill(params, prompts_BT, mask_BT, size), None)
-    cache = init_cache(params.config, prompts_BT.shape[0], size, params.dtype)
-    out = forward(params, prompts_BT, cache=cache, mask=mask_BT, return_hidden=True)
+        return (*prefill(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask), None)
+    cache = init_cache(params.config, inputs.prompts.shape[0], size, params.dtype)
+    out = forward(params, inputs.prompts, cache=cache, mask=inputs.prompt_mask, return_hidden=True,
+                  encoder_tokens=inputs.sources, encoder_mask=inputs.source_mask)
     return out.cache, out.logits[:, -1], out.hidden[layer][:, -1]
 
 
@@ -116,11 +117,10 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
     """Each beam's keys/values from slot `start` on become those of its parent beam (same prompt).
 
     The slots before `start` hold the prompt, the same for every beam of a prompt: moving
-    them would only cost memory traffic (the gather is a large part of a step on CPU).
+    them would only cost memory traffic (the gather is a large part of a step on CPU). So
+    are the slots' positions and an encoder-decoder's source: they are never gathered.
     """
     b, k = parent_BK.shape
-    if mode == "take" and start == 0:
-        return gather_rows(cache, (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1))
     if mode == "take":
         flat_R = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
 
@@ -134,7 +134,8 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
             x = x.reshape(x.shape[0], b, k, *x.shape[2:])
             y = jnp.einsum("bnk,lbk...->lbn...", onehot_BKK, x, precision=jax.lax.Precision.HIGHEST)
             return y.reshape(x.shape[0], b * k, *x.shape[3:])
-    # Slot positions and `next_position` are the same for every beam of a prompt: nothing to gather.
+    if start == 0:
+        return dataclasses.replace(cache, k=gather(cache.k), v=gather(cache.v))
     return dataclasses.replace(cache, k=cache.k.at[:, :, start:].set(gather(cache.k[:, :, start:])),
                                v=cache.v.at[:, :, start:].set(gather(cache.v[:, :, start:])))
 
@@ -168,7 +169,8 @@ def _ngram_ban(seq_RS, start_R, end, n: int, vocab: int):
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
-def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_length, eos, pad, *, static: _Static):
+def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_length, eos, pad, *, static: _Static):
+    prompts_BT, mask_BT = inputs.prompts, inputs.prompt_mask
     b, t = prompts_BT.shape
     k, n, v = static.beams, static.max_new_tokens, params.config.vocab_size
     c, p = 2 * k, static.prefilter
@@ -180,7 +182,7 @@ def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_lengt
     size = cache_size(params.config, t, t + n - 1)
     # A rolling cache overwrites the prompt's slots, so beams then gather all slots.
     shared_slots = t if size == t + n - 1 else 0
-    cache, logits_BV, hidden_BD = _prefill(params, prompts_BT, mask_BT, size, layer)
+    cache, logits_BV, hidden_BD = _prefill(params, inputs, size, layer)
     repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
     cache = repeat_rows(cache, k)
     prompts_RT, mask_RT = repeat(prompts_BT), repeat(mask_BT)
@@ -202,7 +204,7 @@ def _search(params, prompts_BT, mask_BT, term, weight, length_penalty, min_lengt
     def select(s):
         """One beam step from the live beams' logits; returns the new state and the tokens to feed."""
         step = s["step"]
-        logp_RV = jax.nn.log_softmax(s["logits"].astype(f32), axis=-1)
+        logp_RV = ban_pad(params.config, jax.nn.log_softmax(s["logits"].astype(f32), axis=-1))
         logp_RV = jnp.where((jnp.arange(v) == eos) & (step < min_length), -jnp.inf, logp_RV)
         if static.no_repeat_ngram_size:
             seq_RS = jnp.concatenate([prompts_RT, s["live_tokens"].reshape(r, n)], axis=1)
@@ -317,7 +319,8 @@ def _check_attribute(attribute, rows: int, prompt_len: int, n: int):
             from e
 
 
-def beam_search(params: Params, prompts, mask=None, *, beams: int, max_new_tokens: int | None = None,
+def beam_search(params: Params, prompts=None, mask=None, *, sources=None, source_mask=None, beams: int,
+                max_new_tokens: int | None = None,
                 max_length: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                 length_penalty: float = 0.0, length_norm: str = "hf", min_length: int = 0,
                 no_repeat_ngram_size: int = 0, attribute=None, term=None, weight: float = 1.0,
@@ -326,8 +329,10 @@ def beam_search(params: Params, prompts, mask=None, *, beams: int, max_new_token
 
     `prompts`: token-id lists of any lengths, or a (B, T) array (with `mask` for its
     padding); they are left-padded to a bucket of 32 so other lengths in the same
-    bucket reuse the compiled search. Inside `jax.jit`, pass already left-padded
-    traced arrays with their mask (used as they are). Give `max_new_tokens`, or
+    bucket reuse the compiled search. Encoder-decoders take `sources` (token-id lists,
+    or an array with `source_mask`; every beam of a source shares one encoder pass) and
+    start from the decoder start token when `prompts` is None. Inside `jax.jit`, pass
+    already padded traced arrays with their masks (used as they are). Give `max_new_tokens`, or
     `max_length` = longest prompt + new tokens. `min_length`: EOS forbidden before
     this many output tokens. `length_penalty` 0 ranks by log-likelihood (the mode);
     `length_norm` "hf" divides by n ** length_penalty, "gnmt" by ((5+n)/6) **
@@ -362,14 +367,19 @@ def beam_search(params: Params, prompts, mask=None, *, beams: int, max_new_token
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
 
     if isinstance(prompts, jax.core.Tracer):
-        tokens_BT = prompts
-        mask_BT = jnp.ones(prompts.shape, jnp.int32) if mask is None else mask
-        longest = tokens_BT.shape[1]  # unknown under jit: the padded length bounds it
+        def ones(x):
+            return None if x is None else jnp.ones(x.shape, jnp.int32)
+
+        inputs = DecoderInputs(prompts, ones(prompts) if mask is None else mask, sources,
+                               ones(sources) if source_mask is None else source_mask)
+        longest = prompts.shape[1]  # unknown under jit: the padded length bounds it
     else:
-        tokens_BT, mask_BT = pad_prompts(prompts, pad_id, mask=mask)
-        longest = int(mask_BT.sum(1).max())
+        inputs = decoder_inputs(params, prompts, mask, sources, source_mask, pad_id)
+        longest = inputs.longest_prompt
+        tokens_BT = inputs.prompts
         if tokens_BT.min() < 0 or tokens_BT.max() >= v:
             raise InputError(f"prompt token ids must be in [0, {v}); got {tokens_BT.min()}..{tokens_BT.max()}")
+    tokens_BT = inputs.prompts
     if (max_new_tokens is None) == (max_length is None):
         raise ConfigError("give exactly one of max_new_tokens and max_length")
     if max_length is not None:
@@ -400,7 +410,7 @@ def beam_search(params: Params, prompts, mask=None, *, beams: int, max_new_token
         _check_attribute(attribute, 2 * rows, tokens_BT.shape[1], max_new_tokens)
     static = _Static(beams=beams, max_new_tokens=max_new_tokens, length_norm=length_norm, no_repeat_ngram_size=no_repeat_ngram_size, attribute=attribute,
                      prefilter=prefilter, gather=gather, hidden_layer=layer)
-    return _search(params, jnp.asarray(tokens_BT), jnp.asarray(mask_BT), term, jnp.float32(weight),
+    return _search(params, jax.tree.map(jnp.asarray, inputs), term, jnp.float32(weight),
                    jnp.float32(length_penalty), jnp.int32(min_length),
                    jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), static=static)
 

@@ -11,12 +11,14 @@ expansion order. Three searches share one loop:
   bound per length; a prefix of length l is pruned against the smallest bound over the
   lengths >= l it can still reach.
 
-The frontier lives on the host (one heap per prefix length). Each model call evaluates
-a fixed-size batch of `batch_size` frontier prefixes: the prompt is prefilled once into a
-KV cache, and every prefix is recomputed from its tokens (padded to `max_length`) on a
-copy of that cache. No per-node cache is stored, and the shapes depend only on
-(batch_size, max_length, prompt bucket of 32), so one compilation serves a whole search
-and every exact length. A call returns log p(EOS) and the `children` most likely other
+Several questions (prompts, or an encoder-decoder's sources) are searched at once: each
+keeps its own frontier on the host (one heap per prefix length), and every model call
+evaluates a fixed-size batch of `batch_size` prefixes drawn from all unfinished
+questions in turn. The prompts (and sources) are prefilled once into a KV cache, one row
+per question, and every prefix is recomputed from its tokens (padded to `max_length`) on
+a copy of its question's row. No per-node cache is stored, and the shapes depend only on
+(batch_size, max_length, questions, prompt bucket of 32), so one compilation serves a
+whole search and every exact length. A call returns log p(EOS) and the `children` most likely other
 tokens of each prefix; when all of them survive pruning the prefix goes back into the
 frontier as a continuation that yields the next `children` tokens later, in the order
 (log-prob desc, token id asc) of its recomputed distribution (recomputing a row with the
@@ -24,7 +26,7 @@ same shapes gives the same numbers wherever it sits in the batch). The bounds st
 beam search (`seed_beams` wide; for a given length, with EOS forbidden before it). A node
 budget stops the search; results then carry `proved_optimal=False`.
 
-Dimensions: E prefixes per call, W prefix width, V vocabulary, C children per prefix.
+Dimensions: Q questions, E prefixes per call, W prefix width, V vocabulary, C children per prefix.
 
 Example:
     >>> import jax
@@ -52,9 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.decoding.beam import beam_search
-from makemost_jax.decoding.sampling import pad_prompts, prefill
+from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decoder_inputs, prefill
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, repeat_rows
+from makemost_jax.models.cache import KVCache, gather_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -115,59 +117,64 @@ class _Plan:
 
 
 @functools.partial(jax.jit, static_argnames=("children", "eos_id"))
-def _expand(params: Params, cache: KVCache, root_logits_V, prefix_EW, lengths_E, after_logp_E, after_id_E,
+def _expand(params: Params, cache: KVCache, root_logits_QV, rows_E, prefix_EW, lengths_E, after_logp_E, after_id_E,
             *, children: int, eos_id: int):
-    """Next-token log-probs of E prefixes after the prompt.
+    """Next-token log-probs of E prefixes, each after the prompt (and source) of its question `rows_E`.
 
     Returns (log p(EOS) (E,), the next `children` non-EOS tokens in (log-prob desc, id asc)
     order after the key (after_logp, after_id): values (E, C), ids (E, C)).
     """
-    e, w = prefix_EW.shape
-    tiled = repeat_rows(cache, e)
+    w = prefix_EW.shape[1]
     mask_EW = jnp.arange(w)[None] < lengths_E[:, None]
-    logits_EWV = forward(params, prefix_EW, cache=tiled, mask=mask_EW).logits
+    logits_EWV = forward(params, prefix_EW, cache=gather_rows(cache, rows_E), mask=mask_EW).logits
     last_EV = jnp.take_along_axis(logits_EWV, jnp.maximum(lengths_E - 1, 0)[:, None, None], axis=1)[:, 0]
     # The empty prefix's distribution is the prompt's own last logits.
-    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_V[None], last_EV), axis=-1)
+    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_QV[rows_E], last_EV), axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])
     after_EV = (logp_EV < after_logp_E[:, None]) | (
         (logp_EV == after_logp_E[:, None]) & (ids_V[None] > after_id_E[:, None]))
     # top_k puts the lower id first among equal values: the same order as the key above.
-    values_EC, ids_EC = jax.lax.top_k(jnp.where(after_EV & (ids_V[None] != eos_id), logp_EV, -jnp.inf), children)
+    choices_EV = ban_pad(params.config, jnp.where(after_EV & (ids_V[None] != eos_id), logp_EV, -jnp.inf))
+    values_EC, ids_EC = jax.lax.top_k(choices_EV, children)
     return logp_EV[:, eos_id], values_EC, ids_EC
 
 
 _prefill = jax.jit(prefill, static_argnames=("cache_size",))
 
 
-def _beam_seeds(params: Params, prompt: list[int], plan: _Plan, eos_id: int, beams: int) -> dict:
-    """Complete outputs found by beam search: {length: (loglik, tokens, ends_with_eos)}, the starting bounds.
+def _beam_seeds(params: Params, inputs: DecoderInputs, plan: _Plan, eos_id: int, beams: int) -> list[dict]:
+    """Complete outputs found by beam search, per question: {length: (loglik, tokens, ends_with_eos)},
+    the starting bounds.
 
-    One search per asked length with EOS forbidden before it (min_length is not static,
-    so they share one compilation); the unconditional mode needs only min_length 0.
+    One batched search per asked length with EOS forbidden before it (min_length is not
+    static, so they share one compilation); the unconditional mode needs only min_length 0.
     """
     # Room for the EOS after max_length tokens, unless the context ends first; then an output
     # that hits the limit has no EOS and counts only with stop_at_max_length.
-    steps = min(plan.max_length + 1, params.config.max_positions - len(prompt))
-    seeds: dict[int, tuple] = {}
+    steps = min(plan.max_length + 1, params.config.max_positions - inputs.longest_prompt)
+    seeds: list[dict] = [{} for _ in range(inputs.prompts.shape[0])]
     if steps < 1:  # the prompt fills the context: only the empty output, found by the search itself
         return seeds
     for floor in (0,) if plan.shared_bound else plan.targets:
-        out = jax.device_get(beam_search(params, [prompt], beams=min(beams, params.config.vocab_size),
+        out = jax.device_get(beam_search(params, inputs.prompts, inputs.prompt_mask, sources=inputs.sources,
+                                         source_mask=inputs.source_mask, beams=min(beams, params.config.vocab_size),
                                          max_new_tokens=steps, eos_id=eos_id, min_length=floor))
-        for tokens, n, logp, finished in zip(out.tokens[0], out.lengths[0], out.logprobs[0], out.finished[0]):
-            n, ends = int(n), bool(n < steps)  # a hypothesis that hit the limit has no EOS
-            if (finished and n in plan.targets and (ends or plan.stop_at_max_length)
-                    and logp > seeds.get(n, (-math.inf,))[0]):
-                seeds[n] = (float(logp), tuple(tokens[:n].tolist()), ends)
+        for q, found in enumerate(seeds):
+            for tokens, n, logp, finished in zip(out.tokens[q], out.lengths[q], out.logprobs[q], out.finished[q]):
+                n, ends = int(n), bool(n < steps)  # a hypothesis that hit the limit has no EOS
+                if (finished and n in plan.targets and (ends or plan.stop_at_max_length)
+                        and logp > found.get(n, (-math.inf,))[0]):
+                    found[n] = (float(logp), tuple(tokens[:n].tolist()), ends)
     return seeds
 
 
-def _validate(params: Params, prompt, eos_id, max_length: int, node_budget: int, batch_size: int, children: int,
-              order: str, seed_beams: int) -> list[int]:
+def _validate(params: Params, prompt, prompts, sources, source_mask, eos_id, max_length: int, node_budget: int,
+              batch_size: int, children: int, order: str, seed_beams: int) -> tuple[DecoderInputs, int, bool]:
+    """Checked settings; returns (padded inputs, eos_id, whether one question was asked by `prompt`)."""
     cfg = params.config
     if not cfg.causal:
         raise ConfigError(f"{cfg.hf_model_type} is an encoder; exact search needs a decoder model")
+    eos_id = cfg.eos_token_id if eos_id is None and cfg.encoder is not None else eos_id
     if eos_id is None or not 0 <= eos_id < cfg.vocab_size:
         raise ConfigError(f"eos_id={eos_id} must be a token id in [0, {cfg.vocab_size}); exact search "
                           "scores outputs that end with EOS (pass tokenizer.eos_id)")
@@ -183,140 +190,194 @@ def _validate(params: Params, prompt, eos_id, max_length: int, node_budget: int,
         raise ConfigError(f"seed_beams={seed_beams} must be >= 0 (0: no beam-search seed)")
     if order not in ORDERS:
         raise ConfigError(f"order={order!r} must be one of {ORDERS}")
-    prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
-    if not prompt:
-        raise InputError("the prompt is empty; exact search needs at least one prompt token (e.g. BOS)")
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise InputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    if len(prompt) + max_length > cfg.max_positions:
-        raise InputError(f"prompt of {len(prompt)} tokens + max_length={max_length} exceeds the model's "
+    if prompt is not None and prompts is not None:
+        raise InputError("give prompt (one question) or prompts (several), not both")
+    single = prompt is not None and sources is None
+    if prompt is not None:
+        prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        if not prompt:
+            raise InputError("the prompt is empty; exact search needs at least one prompt token (e.g. BOS)")
+        prompts = [prompt] if sources is None else [prompt] * len(sources)
+    elif prompts is not None:
+        prompts = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts]
+    inputs = decoder_inputs(params, prompts, None, sources, source_mask, pad_id=eos_id)
+    real = inputs.prompts[inputs.prompt_mask.astype(bool)]
+    if real.min() < 0 or real.max() >= cfg.vocab_size:
+        bad = real.min() if real.min() < 0 else real.max()
+        raise InputError(f"prompt token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+    if inputs.longest_prompt + max_length > cfg.max_positions:
+        raise InputError(f"prompt of {inputs.longest_prompt} tokens + max_length={max_length} exceeds the model's "
                          f"context of {cfg.max_positions}; shorten the prompt or lower max_length")
-    return prompt
+    return inputs, eos_id, single
 
 
-def _search(params: Params, prompt: list[int], plan: _Plan, *, eos_id: int, node_budget: int, batch_size: int,
-            children: int, order: str, seed_beams: int) -> dict[int, ModeResult]:
-    """Branch and bound; returns a ModeResult per target length (one, keyed -1, when shared_bound)."""
-    t0 = time.perf_counter()
-    n_children = min(children, params.config.vocab_size - 1)
-    last = plan.depth  # deepest prefix length
-    keys = [-1] if plan.shared_bound else list(plan.targets)
-    # best[l] = (loglik, tokens, ends_with_eos) of the best complete output of length l so far.
-    best = {l: (-math.inf, None, True) for l in range(last + 1)}
-    if seed_beams:
-        best.update(_beam_seeds(params, prompt, plan, eos_id, seed_beams))
+class _Question:
+    """One question's branch and bound: its frontier, bounds and settled results."""
 
-    def thresholds() -> list[float]:
+    def __init__(self, plan: _Plan, seeds: dict):
+        self.plan, self.last = plan, plan.depth  # deepest prefix length
+        self.keys = [-1] if plan.shared_bound else list(plan.targets)
+        # best[l] = (loglik, tokens, ends_with_eos) of the best complete output of length l so far.
+        self.best = {l: (-math.inf, None, True) for l in range(self.last + 1)}
+        self.best.update(seeds)
+        # heaps[d]: entries whose outputs have length >= d, as (-bound, tiebreak, prefix, score, after_logp,
+        # after_id, emitted). A fresh prefix has after_logp=inf and bound=score; a continuation of a
+        # prefix of length d-1 sits at d with bound = score + log p of its last emitted child.
+        self.heaps: list[list] = [[] for _ in range(self.last + 1)]
+        self.counter = itertools.count()
+        self.heaps[0].append((-0.0, next(self.counter), (), 0.0, math.inf, -1, 0))
+        self.expanded = 0
+        self.settled: dict[int, tuple[int, float]] = {}
+
+    def thresholds(self) -> list[float]:
         """thresholds()[d]: what a prefix whose outputs have length >= d must beat to be expanded."""
-        if plan.shared_bound:
-            return [max(b[0] for b in best.values())] * (last + 1)
+        if self.plan.shared_bound:
+            return [max(b[0] for b in self.best.values())] * (self.last + 1)
         cuts, running = [], math.inf
-        for d in range(last, -1, -1):
-            running = min(running, best[d][0]) if d in plan.targets else running
+        for d in range(self.last, -1, -1):
+            running = min(running, self.best[d][0]) if d in self.plan.targets else running
             cuts.append(running)
         return cuts[::-1]
 
-    width = max(plan.max_length, 1)  # one prefix width for every call and length: one compilation
-    tokens_BT, mask_BT = pad_prompts([prompt], eos_id)
-    cache, root_logits = _prefill(params, jnp.asarray(tokens_BT), jnp.asarray(mask_BT),
-                                  cache_size=tokens_BT.shape[1] + width)
-    root_logits_V = root_logits[0]
-    # heaps[d]: entries whose outputs have length >= d, as (-bound, tiebreak, prefix, score, after_logp,
-    # after_id, emitted). A fresh prefix has after_logp=inf and bound=score; a continuation of a
-    # prefix of length d-1 sits at d with bound = score + log p of its last emitted child.
-    heaps: list[list] = [[] for _ in range(last + 1)]
-    counter = itertools.count()
-    heaps[0].append((-0.0, next(counter), (), 0.0, math.inf, -1, 0))
-    expanded = 0
-    settled: dict[int, tuple[int, float]] = {}
-
-    def alive_tops() -> list[float]:
+    def alive_tops(self) -> list[float]:
         """Best bound left at each depth, dropping depths whose best cannot beat their threshold."""
         tops = []
-        for d, cut in enumerate(thresholds()):
-            if heaps[d] and -heaps[d][0][0] <= cut:
-                heaps[d].clear()  # the rest of this heap is lower still
-            tops.append(-heaps[d][0][0] if heaps[d] else -math.inf)
+        for d, cut in enumerate(self.thresholds()):
+            if self.heaps[d] and -self.heaps[d][0][0] <= cut:
+                self.heaps[d].clear()  # the rest of this heap is lower still
+            tops.append(-self.heaps[d][0][0] if self.heaps[d] else -math.inf)
         return tops
 
-    def pop(cap: int) -> list:
-        """Up to `cap` live entries, deepest first ("depth") or highest bound first ("best")."""
-        batch, tops = [], alive_tops()
-        while len(batch) < cap:
-            live = [d for d in range(last + 1) if tops[d] > -math.inf]
-            if not live:
-                break
-            d = live[-1] if order == "depth" else max(live, key=tops.__getitem__)
-            batch.append(heapq.heappop(heaps[d]))
-            tops[d] = -heaps[d][0][0] if heaps[d] else -math.inf
-        return batch
+    def pop(self, order: str):
+        """The next live entry, deepest first ("depth") or highest bound first ("best"); None when none is left."""
+        tops = self.alive_tops()
+        live = [d for d in range(self.last + 1) if tops[d] > -math.inf]
+        if not live:
+            return None
+        d = live[-1] if order == "depth" else max(live, key=tops.__getitem__)
+        return heapq.heappop(self.heaps[d])
 
-    def settle():
+    def settle(self, now: float):
         """A result is settled once no frontier entry that can reach its length beats it."""
-        tops, now = alive_tops(), time.perf_counter() - t0
-        for key in keys:
-            bar = thresholds()[0] if key == -1 else best[key][0]
+        tops = self.alive_tops()
+        for key in self.keys:
+            bar = self.thresholds()[0] if key == -1 else self.best[key][0]
             reach = tops if key == -1 else tops[:key + 1]
-            if key not in settled and not any(top > bar for top in reach):
-                settled[key] = (expanded, now)
+            if key not in self.settled and not any(top > bar for top in reach):
+                self.settled[key] = (self.expanded, now)
 
-    while expanded < node_budget:
-        batch = pop(min(batch_size, node_budget - expanded))
+    @property
+    def done(self) -> bool:
+        return len(self.settled) == len(self.keys)
+
+    def take(self, entry, eos_logp: float, values: list[float], ids: list[int], n_children: int, vocab: int):
+        """Record a prefix's expansion: its EOS completion, and its children that beat the bound."""
+        _, _, prefix, score, after_logp, _, emitted = entry
+        d, plan = len(prefix), self.plan
+        if after_logp == math.inf and d in plan.targets and score + eos_logp > self.best[d][0]:
+            self.best[d] = (score + eos_logp, prefix, True)
+        if d == self.last:
+            return
+        cut = self.thresholds()[d + 1]
+        for value, token in zip(values, ids):
+            child_score = score + value
+            if not child_score > cut:
+                break
+            if plan.stop_at_max_length and d + 1 == self.last:
+                self.best[self.last] = max(self.best[self.last], (child_score, prefix + (token,), False),
+                                           key=lambda b: b[0])
+            else:
+                heapq.heappush(self.heaps[d + 1], (-child_score, next(self.counter), prefix + (token,), child_score,
+                                                   math.inf, -1, 0))
+        else:  # every child passed: the next ones may too
+            if emitted + n_children < vocab - 1:
+                heapq.heappush(self.heaps[d + 1], (-(score + values[-1]), next(self.counter), prefix, score,
+                                                   values[-1], ids[-1], emitted + n_children))
+
+    def results(self, total: float) -> dict[int, ModeResult]:
+        out = {}
+        for key in self.keys:
+            length = max(self.best, key=lambda l: self.best[l][0]) if key == -1 else key
+            loglik, tokens, ends_with_eos = self.best[length]
+            nodes, seconds = self.settled.get(key, (self.expanded, total))
+            out[key] = ModeResult(tokens=None if tokens is None else tuple(tokens), loglik=loglik, length=length,
+                                  proved_optimal=key in self.settled, nodes_expanded=nodes, seconds=seconds,
+                                  ends_with_eos=ends_with_eos)
+        return out
+
+
+def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, node_budget: int, batch_size: int,
+            children: int, order: str, seed_beams: int) -> list[dict[int, ModeResult]]:
+    """Branch and bound for every question at once; per question a ModeResult per target length
+    (one, keyed -1, when shared_bound). `node_budget` is per question."""
+    t0 = time.perf_counter()
+    vocab = params.config.vocab_size
+    n_children = min(children, vocab - 1)
+    n_questions = inputs.prompts.shape[0]
+    seeds = _beam_seeds(params, inputs, plan, eos_id, seed_beams) if seed_beams else [{}] * n_questions
+    questions = [_Question(plan, seeds[q]) for q in range(n_questions)]
+
+    width = max(plan.max_length, 1)  # one prefix width for every call and length: one compilation
+    cache, root_logits_QV = _prefill(params, *(jnp.asarray(x) for x in (inputs.prompts, inputs.prompt_mask)),
+                                     cache_size=inputs.prompts.shape[1] + width,
+                                     sources_BS=None if inputs.sources is None else jnp.asarray(inputs.sources),
+                                     source_mask_BS=None if inputs.source_mask is None else jnp.asarray(
+                                         inputs.source_mask))
+    for q in questions:  # the seed alone may already prove a result
+        q.settle(time.perf_counter() - t0)
+
+    while True:
+        # Fill one batch from the unfinished questions in turn, within each one's budget.
+        batch: list[tuple[int, tuple]] = []
+        active = [i for i, q in enumerate(questions) if not q.done and q.expanded < node_budget]
+        while active and len(batch) < batch_size:
+            for i in list(active):
+                entry = questions[i].pop(order) if questions[i].expanded < node_budget else None
+                if entry is None:
+                    active.remove(i)
+                    continue
+                questions[i].expanded += 1
+                batch.append((i, entry))
+                if len(batch) == batch_size:
+                    break
         if not batch:
             break
-        expanded += len(batch)
+        rows_E = np.zeros(batch_size, np.int32)
         prefix_EW = np.full((batch_size, width), eos_id, np.int32)
         lengths_E = np.zeros(batch_size, np.int32)
         after_logp_E = np.full(batch_size, np.inf, np.float32)
         after_id_E = np.full(batch_size, -1, np.int32)
-        for i, (_, _, prefix, _, after_logp, after_id, _) in enumerate(batch):
-            prefix_EW[i, :len(prefix)] = prefix
-            lengths_E[i], after_logp_E[i], after_id_E[i] = len(prefix), after_logp, after_id
+        for e, (i, (_, _, prefix, _, after_logp, after_id, _)) in enumerate(batch):
+            rows_E[e] = i
+            prefix_EW[e, :len(prefix)] = prefix
+            lengths_E[e], after_logp_E[e], after_id_E[e] = len(prefix), after_logp, after_id
         eos_E, values_EC, ids_EC = jax.device_get(_expand(
-            params, cache, root_logits_V, prefix_EW, lengths_E, after_logp_E, after_id_E,
+            params, cache, root_logits_QV, rows_E, prefix_EW, lengths_E, after_logp_E, after_id_E,
             children=n_children, eos_id=eos_id))
-        for i, (_, _, prefix, score, after_logp, _, emitted) in enumerate(batch):
-            d = len(prefix)
-            if after_logp == math.inf and d in plan.targets and score + float(eos_E[i]) > best[d][0]:
-                best[d] = (score + float(eos_E[i]), prefix, True)
-            if d == last:
-                continue
-            cut = thresholds()[d + 1]
-            values, ids = values_EC[i].tolist(), ids_EC[i].tolist()
-            for value, token in zip(values, ids):
-                child_score = score + value
-                if not child_score > cut:
-                    break
-                if plan.stop_at_max_length and d + 1 == last:
-                    best[last] = max(best[last], (child_score, prefix + (token,), False), key=lambda b: b[0])
-                else:
-                    heapq.heappush(heaps[d + 1], (-child_score, next(counter), prefix + (token,), child_score,
-                                                  math.inf, -1, 0))
-            else:  # every child passed: the next ones may too
-                if emitted + n_children < params.config.vocab_size - 1:
-                    heapq.heappush(heaps[d + 1], (-(score + values[-1]), next(counter), prefix, score,
-                                                  values[-1], ids[-1], emitted + n_children))
-        settle()
-    settle()  # also when the seed already closed the search before any expansion
+        for e, (i, entry) in enumerate(batch):
+            questions[i].take(entry, float(eos_E[e]), values_EC[e].tolist(), ids_EC[e].tolist(), n_children, vocab)
+        now = time.perf_counter() - t0
+        for i in {i for i, _ in batch}:
+            questions[i].settle(now)
 
     total = time.perf_counter() - t0
-    results = {}
-    for key in keys:
-        length = max(best, key=lambda l: best[l][0]) if key == -1 else key
-        loglik, tokens, ends_with_eos = best[length]
-        nodes, seconds = settled.get(key, (expanded, total))
-        results[key] = ModeResult(tokens=None if tokens is None else tuple(tokens), loglik=loglik, length=length,
-                                  proved_optimal=key in settled, nodes_expanded=nodes, seconds=seconds,
-                                  ends_with_eos=ends_with_eos)
-    return results
+    for q in questions:
+        q.settle(total)
+    return [q.results(total) for q in questions]
 
 
-def exact_mode(params: Params, prompt: Sequence[int], *, eos_id: int, max_length: int = 16,
-               length: int | None = None, node_budget: int = 10_000, batch_size: int = 64,
-               children: int = 16, order: str = "depth", stop_at_max_length: bool = False,
-               seed_beams: int = 4) -> ModeResult:
+def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
+               source_mask=None, eos_id: int | None = None, max_length: int = 16, length: int | None = None,
+               node_budget: int = 10_000, batch_size: int = 64, children: int = 16, order: str = "depth",
+               stop_at_max_length: bool = False, seed_beams: int = 4) -> ModeResult | list[ModeResult]:
     """The most likely continuation of `prompt` (optionally among outputs of exactly `length` tokens).
+
+    One question: `prompt` (token ids) gives one `ModeResult`. Several at once: `prompts`
+    (token-id lists), or for an encoder-decoder `sources` (token-id lists, or an array
+    with `source_mask`; `prompt`/`prompts` optional, default the decoder start token)
+    give a list, one result per question, searched together (expansions of all questions
+    share each model call; `node_budget` is per question). `eos_id` defaults to an
+    encoder-decoder's own.
 
     Outputs are y_1..y_n followed by `eos_id`, n <= `max_length` (n == `length` when
     given); with `stop_at_max_length`, an output that reaches `max_length` tokens without
@@ -332,7 +393,8 @@ def exact_mode(params: Params, prompt: Sequence[int], *, eos_id: int, max_length
         >>> #                   max_length=8, node_budget=5000)
         >>> # tok.decode(mode.tokens), mode.loglik, mode.proved_optimal
     """
-    prompt = _validate(params, prompt, eos_id, max_length, node_budget, batch_size, children, order, seed_beams)
+    inputs, eos_id, single = _validate(params, prompt, prompts, sources, source_mask, eos_id, max_length,
+                                       node_budget, batch_size, children, order, seed_beams)
     if length is not None:
         if length < 0:
             raise ConfigError(f"length={length} must be >= 0")
@@ -347,15 +409,19 @@ def exact_mode(params: Params, prompt: Sequence[int], *, eos_id: int, max_length
             raise ConfigError("stop_at_max_length needs max_length >= 1 (else the empty output wins with log p 0)")
         plan = _Plan(max_length=max_length, depth=max_length, targets=tuple(range(max_length + 1)), shared_bound=True,
                      stop_at_max_length=stop_at_max_length)
-    results = _search(params, prompt, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size,
-                      children=children, order=order, seed_beams=seed_beams)
-    return next(iter(results.values()))
+    results = [next(iter(r.values())) for r in _search(
+        params, inputs, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size, children=children,
+        order=order, seed_beams=seed_beams)]
+    return results[0] if single else results
 
 
-def exact_length_modes(params: Params, prompt: Sequence[int], *, eos_id: int, max_length: int = 16,
-                       node_budget: int = 10_000, batch_size: int = 64, children: int = 16,
-                       order: str = "depth", seed_beams: int = 4) -> list[ModeResult]:
+def exact_length_modes(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
+                       source_mask=None, eos_id: int | None = None, max_length: int = 16, node_budget: int = 10_000,
+                       batch_size: int = 64, children: int = 16, order: str = "depth",
+                       seed_beams: int = 4) -> list[ModeResult] | list[list[ModeResult]]:
     """The mode at every output length 0..max_length, in one search (element l: length l).
+
+    With `prompts` or `sources` (as in `exact_mode`): one such list per question.
 
     One bound per length; a prefix of length l is expanded only while its log-probability
     beats the smallest bound over lengths >= l. Each result has its own `proved_optimal`,
@@ -366,9 +432,11 @@ def exact_length_modes(params: Params, prompt: Sequence[int], *, eos_id: int, ma
         >>> # modes = exact_length_modes(params, prompt_ids, eos_id=tok.eos_id, max_length=6)
         >>> # [(m.length, tok.decode(m.tokens), round(m.loglik, 2)) for m in modes]
     """
-    prompt = _validate(params, prompt, eos_id, max_length, node_budget, batch_size, children, order, seed_beams)
+    inputs, eos_id, single = _validate(params, prompt, prompts, sources, source_mask, eos_id, max_length,
+                                       node_budget, batch_size, children, order, seed_beams)
     plan = _Plan(max_length=max_length, depth=max_length, targets=tuple(range(max_length + 1)),
                  shared_bound=False)
-    results = _search(params, prompt, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size,
-                      children=children, order=order, seed_beams=seed_beams)
-    return [results[length] for length in range(max_length + 1)]
+    results = [[r[length] for length in range(max_length + 1)] for r in _search(
+        params, inputs, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size, children=children,
+        order=order, seed_beams=seed_beams)]
+    return results[0] if single else results

@@ -1,11 +1,17 @@
 """Greedy and temperature / top-k / top-p sampling in one jitted `lax.while_loop`.
 
-The pieces are shared with beam search: `prefill` (prompt into a cache sized for
-the whole output, outside the loop) and `decode_step` (one token per row through
-the cache). A model whose rotary frequencies switch at a length (longrope) is
-re-encoded once its sequences pass it, so every token is scored as the full forward
-of its prefix would score it (what transformers' Phi-3 generation does). Prompts are left-padded to a bucketed length so that calls with other
-prompt lengths in the same bucket reuse the compiled loop.
+The pieces are shared with beam search and exact search: `decoder_inputs` (padded
+prompts, and for an encoder-decoder its padded sources), `prefill` (prompt, and source,
+into a cache sized for the whole output, outside the loop) and `decode_step` (one token
+per row through the cache). No search produces an encoder-decoder's pad token (as
+OPUS-MT's generation config bans it): `ban_pad` takes it out of the choice, while the
+reported log-probabilities stay the model's own (as transformers' beam scores do).
+
+A model whose rotary frequencies switch at a length (longrope) is re-encoded once its
+sequences pass it, so every token is scored as the full forward of its prefix would
+score it (what transformers' Phi-3 generation does). Prompts are left-padded to a
+bucketed length so that calls with other prompt lengths in the same bucket reuse the
+compiled loop.
 
 Dimensions: B batch, T prompt length (padded), N new tokens, V vocabulary.
 
@@ -73,8 +79,112 @@ def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int = 0,
     return tokens, mask_out
 
 
-def prefill(params: Params, prompts_BT, mask_BT, cache_size: int) -> tuple[KVCache, jax.Array]:
-    """Run left-padded prompts into a fresh cache of `cache_size` slots.
+def pad_sources(sources, pad_id: int = 0, bucket: int = PROMPT_BUCKET, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad source token lists to one bucketed length (as encoders expect); (tokens_BS, mask_BS).
+
+    Example:
+        >>> tokens, mask = pad_sources([[5, 6], [7]], bucket=4)
+        >>> tokens.tolist(), mask.tolist()
+        ([[5, 6, 0, 0], [7, 0, 0, 0]], [[1, 1, 0, 0], [1, 0, 0, 0]])
+    """
+    if isinstance(sources, (np.ndarray, jax.Array)) and np.ndim(sources) == 2:
+        array = np.asarray(sources)
+        keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask, bool)
+        rows = [list(r[k]) for r, k in zip(array, keep)]
+    else:
+        rows = [list(r) for r in sources]
+    if not rows:
+        raise InputError("sources is empty; give at least one source")
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise InputError(f"source {empty[0] + 1} is empty; remove empty source lines")
+    length = -(-max(len(r) for r in rows) // bucket) * bucket
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask_out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        mask_out[i, :len(r)] = 1
+    return tokens, mask_out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecoderInputs:
+    """A search's padded inputs: prompts (left-padded) and, for encoder-decoders, sources (right-padded)."""
+
+    prompts: jax.Array  # (B, T)
+    prompt_mask: jax.Array  # (B, T)
+    sources: jax.Array | None = None  # (B, S)
+    source_mask: jax.Array | None = None  # (B, S)
+
+    @property
+    def longest_prompt(self) -> int:
+        return int(np.asarray(self.prompt_mask).sum(1).max())
+
+
+def decoder_inputs(params: Params, prompts, mask=None, sources=None, source_mask=None,
+                   pad_id: int = 0) -> DecoderInputs:
+    """Check and pad what a search starts from.
+
+    Decoder-only models need `prompts` and take no `sources`. Encoder-decoders need
+    `sources` (token-id lists, or a (B, S) array with `source_mask`); `prompts=None`
+    starts every output from the model's decoder start token.
+
+    Example:
+        >>> # inputs = decoder_inputs(marian, None, sources=[tok.encode_source("Hello")])
+        >>> # inputs.prompts.tolist() == [[pad] * 31 + [decoder_start]]
+    """
+    cfg = params.config
+    name = cfg.hf_model_type or cfg.family
+    if not cfg.causal:
+        raise ConfigError(f"{name} is an encoder; searches need a decoder or an encoder-decoder model")
+    if cfg.encoder is None:
+        if sources is not None:
+            raise InputError(f"{name} is a decoder-only model and takes no sources; pass prompts (sources are for "
+                             "encoder-decoders such as T5, BART and Marian)")
+        if prompts is None:
+            raise InputError(f"{name} is a decoder-only model: pass prompts (token-id lists)")
+        return DecoderInputs(*pad_prompts(prompts, pad_id, mask=mask))
+    if sources is None:
+        raise InputError(f"{name} is an encoder-decoder: pass sources= (token-id lists of the inputs to "
+                         "translate or transform)")
+    source_pad = cfg.encoder.pad_token_id if cfg.encoder.pad_token_id is not None else 0
+    sources_BS, source_mask_BS = pad_sources(sources, source_pad, mask=source_mask)
+    longest = int(source_mask_BS.sum(1).max())
+    if cfg.encoder.embed.positions != "none" and longest > cfg.encoder.max_positions:
+        raise InputError(f"a source of {longest} tokens exceeds the encoder's context of "
+                         f"{cfg.encoder.max_positions} positions; shorten or split it")
+    context = cfg.encoder.max_positions
+    if source_mask_BS.shape[1] > context >= longest:  # the bucket overshoots: pad only to the context
+        sources_BS, source_mask_BS = sources_BS[:, :context], source_mask_BS[:, :context]
+    if prompts is None:
+        if cfg.decoder_start_token_id is None:
+            raise InputError(f"{name}'s config has no decoder_start_token_id; pass prompts= (e.g. mBART's "
+                             "target language code)")
+        prompts = [[cfg.decoder_start_token_id]] * len(sources_BS)
+    tokens_BT, mask_BT = pad_prompts(prompts, pad_id, mask=mask)
+    if len(tokens_BT) != len(sources_BS):
+        raise InputError(f"{len(tokens_BT)} prompts for {len(sources_BS)} sources; give one prompt per source "
+                         "(or prompts=None)")
+    return DecoderInputs(tokens_BT, mask_BT, sources_BS, source_mask_BS)
+
+
+def ban_pad(cfg, scores_BV):
+    """Scores (logits or log-probabilities) with an encoder-decoder's pad token at -inf, so that
+    no search chooses it; decoder-only models' scores pass unchanged.
+
+    Example:
+        >>> # token_B = jnp.argmax(ban_pad(params.config, logits_BV), -1)
+    """
+    if cfg.encoder is None or cfg.pad_token_id is None:
+        return scores_BV
+    return scores_BV.at[:, cfg.pad_token_id].set(-jnp.inf)
+
+
+def prefill(params: Params, prompts_BT, mask_BT, cache_size: int, sources_BS=None,
+            source_mask_BS=None) -> tuple[KVCache, jax.Array]:
+    """Run left-padded prompts (and, for an encoder-decoder, their sources) into a fresh cache of
+    `cache_size` slots.
 
     Returns (cache, next-token logits (B, V)).
 
@@ -83,7 +193,8 @@ def prefill(params: Params, prompts_BT, mask_BT, cache_size: int) -> tuple[KVCac
     """
     b = prompts_BT.shape[0]
     cache = init_cache(params.config, b, cache_size, params.dtype)
-    out = forward(params, prompts_BT, cache=cache, mask=mask_BT)
+    out = forward(params, prompts_BT, cache=cache, mask=mask_BT, encoder_tokens=sources_BS,
+                  encoder_mask=source_mask_BS)
     return out.cache, out.logits[:, -1]
 
 
@@ -119,12 +230,12 @@ def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k", "top_p", "eos_id",
                                              "pad_id"))
-def _generate(params, prompts_BT, mask_BT, key, temperature, done_B, *, max_new_tokens, greedy, top_k,
+def _generate(params, inputs: DecoderInputs, key, temperature, done_B, *, max_new_tokens, greedy, top_k,
               top_p, eos_id, pad_id):
     """The jitted loop; rows with `done_B` set generate nothing. Returns (result, key, done_B)."""
-    b = prompts_BT.shape[0]
-    t = prompts_BT.shape[1]
-    cache, logits_BV = prefill(params, prompts_BT, mask_BT, cache_size(params.config, t, t + max_new_tokens))
+    b, t = inputs.prompts.shape
+    size = cache_size(params.config, t, t + max_new_tokens)
+    cache, logits_BV = prefill(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask)
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits_BV, key=key,
                  tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                  logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
@@ -136,10 +247,11 @@ def _generate(params, prompts_BT, mask_BT, key, temperature, done_B, *, max_new_
     def body(s):
         key, sub = jax.random.split(s["key"])
         logp_BV = jax.nn.log_softmax(s["logits"], axis=-1)
+        logits_BV = ban_pad(params.config, s["logits"])
         if greedy:
-            token_B = jnp.argmax(s["logits"], axis=-1).astype(jnp.int32)
+            token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         else:
-            scaled = filter_logits(s["logits"] / temperature, top_k, top_p)
+            scaled = filter_logits(logits_BV / temperature, top_k, top_p)
             token_B = jax.random.categorical(sub, scaled, axis=-1).astype(jnp.int32)
         token_B = jnp.where(s["done"], pad_id, token_B)
         logp_B = jnp.where(s["done"], 0.0, jnp.take_along_axis(logp_BV, token_B[:, None], 1)[:, 0])
@@ -162,12 +274,14 @@ def _generate(params, prompts_BT, mask_BT, key, temperature, done_B, *, max_new_
     return GenerationResult(final["tokens"], lengths_B, final["logprobs"]), final["key"], final["done"]
 
 
-def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, key=None,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+def generate(params: Params, prompts=None, mask=None, *, sources=None, source_mask=None, max_new_tokens: int = 32,
+             key=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, pad_id: int | None = None) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens (greedy when temperature is 0).
 
     `prompts`: a list of token-id lists, or a (B, T) array (with `mask` for padding).
+    Encoder-decoders take `sources` (token-id lists, or an array with `source_mask`);
+    `prompts=None` starts each output from the decoder start token.
     Stops early once every row has produced `eos_id`.
 
     Example:
@@ -176,8 +290,6 @@ def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, ke
         >>> # tok.decode(result.tokens[0, :result.lengths[0]])
     """
     cfg = params.config
-    if not cfg.causal:
-        raise ConfigError(f"{cfg.hf_model_type} is an encoder; generation needs a decoder model")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if temperature < 0:
@@ -187,25 +299,26 @@ def generate(params: Params, prompts, mask=None, *, max_new_tokens: int = 32, ke
     if not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p={top_p} must be in (0, 1]")
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
-    tokens_BT, mask_BT = pad_prompts(prompts, pad_id, mask=mask)
-    longest = int(mask_BT.sum(1).max())
+    inputs = decoder_inputs(params, prompts, mask, sources, source_mask, pad_id)
+    longest = inputs.longest_prompt
     if longest + max_new_tokens > cfg.max_positions:
         raise InputError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_positions}; shorten the prompt or generate less")
     run = functools.partial(_generate, params, temperature=jnp.float32(max(temperature, 1e-6)),
                             greedy=temperature == 0.0, top_k=top_k, top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
     key = jax.random.key(0) if key is None else key
-    tokens_BT, mask_BT, done_B = jnp.asarray(tokens_BT), jnp.asarray(mask_BT), jnp.zeros(len(tokens_BT), bool)
+    inputs = jax.tree.map(jnp.asarray, inputs)
+    done_B = jnp.zeros(inputs.prompts.shape[0], bool)
     switch = rotary_switch_length(cfg)
     before = max_new_tokens if switch is None else switch + 1 - longest  # tokens decoded before the switch
     if not 1 <= before < max_new_tokens:
-        return run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=max_new_tokens)[0]
+        return run(inputs, key, done_B=done_B, max_new_tokens=max_new_tokens)[0]
     # Past the switch the cached keys (short factors) would not be the ones a full forward
     # computes: re-encode prompt + generated tokens once, then decode on.
-    first, key, done_B = run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=before)
-    tokens_BT = jnp.concatenate([tokens_BT, first.tokens], axis=1)
-    mask_BT = jnp.concatenate([mask_BT, jnp.ones_like(first.tokens)], axis=1)
-    rest = run(tokens_BT, mask_BT, key, done_B=done_B, max_new_tokens=max_new_tokens - before)[0]
+    first, key, done_B = run(inputs, key, done_B=done_B, max_new_tokens=before)
+    inputs = dataclasses.replace(inputs, prompts=jnp.concatenate([inputs.prompts, first.tokens], axis=1),
+                                 prompt_mask=jnp.concatenate([inputs.prompt_mask, jnp.ones_like(first.tokens)], axis=1))
+    rest = run(inputs, key, done_B=done_B, max_new_tokens=max_new_tokens - before)[0]
     return GenerationResult(jnp.concatenate([first.tokens, rest.tokens], axis=1),
                             jnp.where(done_B, first.lengths, before + rest.lengths),
                             jnp.concatenate([first.logprobs, rest.logprobs], axis=1))

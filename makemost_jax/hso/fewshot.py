@@ -309,6 +309,7 @@ def fewshot_classify(params: Params, tokenizer, train: Sequence[dict], test: Seq
         >>> # r = fewshot_classify(params, tok, train, test, k=4, draws=5, hso=HSOConfig(lr=3e-2))
         >>> # r.summary()  -> {"plain": {"mean": ..., "std": ...}, "hso": {...}, ...}
     """
+    params.config.require_decoder_only("few-shot classification")
     _check(train, test, fmt, k, draws)
     hso = hso or HSOConfig(lr=1e-2)
     t0 = time.perf_counter()

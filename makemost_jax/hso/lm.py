@@ -97,6 +97,7 @@ class HSOConfig:
             >>> # HSOConfig(segment=1024, cache_size=512).validate(gpt2_params)  -> ConfigError
         """
         cfg = params.config
+        cfg.require_decoder_only("HSO")
         if not cfg.causal or not cfg.has_lm_head:
             raise ConfigError(f"HSO needs a causal language model with an LM head; "
                               f"{cfg.hf_model_type or cfg.family} is not one")

@@ -1,9 +1,9 @@
 """Pure-functional model families behind one interface (see `model.forward`)."""
 
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import EncodedSource, KVCache, init_cache
 from makemost_jax.models.config import ModelConfig, from_hf_config
-from makemost_jax.models.model import forward, init_params, params_from_hf, token_logprobs
+from makemost_jax.models.model import encode, encode_source, forward, init_params, params_from_hf, token_logprobs
 from makemost_jax.models.types import ModelOutput, Params
 
-__all__ = ["KVCache", "ModelConfig", "ModelOutput", "Params", "forward", "from_hf_config",
-           "init_cache", "init_params", "params_from_hf", "token_logprobs"]
+__all__ = ["EncodedSource", "KVCache", "ModelConfig", "ModelOutput", "Params", "encode", "encode_source", "forward",
+           "from_hf_config", "init_cache", "init_params", "params_from_hf", "token_logprobs"]

@@ -37,7 +37,7 @@ from makemost_jax.models.config import (
 
 
 def config_from_hf(hf) -> ModelConfig:
-    """`ModelConfig` of a HF BERT or RoBERTa config (the head kind is settled by `load`).
+    """`ModelConfig` of a HF BERT or RoBERTa config (the head kind is settled from the tensors).
 
     Example:
         >>> config_from_hf({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
@@ -133,6 +133,15 @@ def _rename(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+def settle_config(cfg: ModelConfig, tensors: dict) -> ModelConfig:
+    """The head the checkpoint has: the MLM head, or none for a bare encoder.
+
+    Example:
+        >>> # settle_config(cfg, read_hf_checkpoint(minilm_dir)[1]).head.kind == "none"
+    """
+    return cfg.with_head("mlm" if has_mlm_head(tensors) else "none")
 
 
 def has_mlm_head(tensors: dict) -> bool:

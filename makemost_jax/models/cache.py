@@ -9,9 +9,12 @@ holds the window plus the tokens of one call (`cache_size`). Because it is a pla
 pytree, `jax.grad` with respect to the cache, `lax.scan` over windows and
 `lax.while_loop` over decoding steps all work on it.
 
+An encoder-decoder's cache also carries its `EncodedSource`: every decoder layer's
+cross-attention keys and values, computed once per source, and the source's mask.
+
 Methods never rebuild a cache field by field: `repeat_rows` and `gather_rows` work on
-any cache that declares the batch axis of its fields in `ROW_AXES` (an encoder-decoder
-cache with cross-attention keys is another such pytree).
+any cache that declares the batch axis of its fields in `ROW_AXES` (nested pytrees that
+declare their own, like the encoded source, included).
 
 Example:
     >>> from makemost_jax.models.config import from_hf_config
@@ -35,14 +38,32 @@ from makemost_jax.models.config import ModelConfig
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class EncodedSource:
+    """What a decoder's cross-attention reads of one batch of sources."""
+
+    k: jax.Array  # (L, B, S, G, K) every decoder layer's cross-attention keys
+    v: jax.Array  # (L, B, S, G, K)
+    mask: jax.Array  # (B, S) bool: real source tokens
+
+    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "mask": 0}
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class KVCache:
     k: jax.Array  # (L, B, S, G, K); rotary keys are stored already rotated
     v: jax.Array  # (L, B, S, G, K)
     positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
     next_position: jax.Array  # (B,) int32: position id of each row's next token
+    source: EncodedSource | None = None  # encoder-decoders: the encoded source the decoder reads
 
-    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "positions": 0, "next_position": 0}  # fields with a batch axis
+    # Fields with a batch axis (a nested pytree with ROW_AXES of its own: None).
+    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "positions": 0, "next_position": 0, "source": None}
     SLOT_AXES: ClassVar[dict] = {"k": 2, "v": 2, "positions": 1}  # fields with a slot axis
 
     @property
@@ -92,7 +113,12 @@ def cache_size(config: ModelConfig, prompt_length: int, total_length: int) -> in
 
 
 def _map_rows(cache, fn):
-    return dataclasses.replace(cache, **{name: fn(getattr(cache, name), axis)
+    def one(value, axis):
+        if value is None:
+            return None
+        return _map_rows(value, fn) if axis is None else fn(value, axis)
+
+    return dataclasses.replace(cache, **{name: one(getattr(cache, name), axis)
                                          for name, axis in type(cache).ROW_AXES.items()})
 
 

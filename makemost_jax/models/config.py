@@ -48,6 +48,10 @@ class AttentionConfig:
     qk_norm: bool = False
     scale_by_inverse_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
     causal: bool = True
+    # T5's relative position bias: `relative_buckets` learned per-head scalars, shared by every
+    # layer of a stack, indexed by the bucketed distance (bidirectional buckets when not causal).
+    relative_buckets: int = 0
+    relative_max_distance: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +96,10 @@ class NormConfig:
 class EmbedConfig:
     """Token embeddings and what is added to them.
 
-    `positions`: "learned" (a table indexed by position + `position_offset`) or "none"
-    (rotary models). `scale` multiplies the token embeddings (Gemma: sqrt(D)).
+    `positions`: "learned" (a table indexed by position + `position_offset`), "sinusoidal"
+    (Marian's fixed table: sines in the first half of the width, cosines in the second) or
+    "none" (rotary and relative-bias models). `scale` multiplies the token embeddings
+    (Gemma, BART/Marian with `scale_embedding`: sqrt(D)).
     `project_dim`: embeddings narrower than the model, projected in and out (OPT).
     """
 
@@ -107,12 +113,19 @@ class EmbedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-    """The output: "lm" (final norm + vocabulary projection), "mlm" (BERT's head) or "none"."""
+    """The output: "lm" (final norm + vocabulary projection), "mlm" (BERT's head) or "none".
+
+    `input_scale` multiplies the final states before the projection (T5's tied head:
+    d_model ** -0.5); `logits_bias` adds a learned per-token bias (BART/Marian's
+    `final_logits_bias`).
+    """
 
     kind: str = "lm"
     tied: bool = True
     final_norm: bool = True
     softcap: float | None = None
+    input_scale: float = 1.0
+    logits_bias: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +139,15 @@ class LayerKind:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one model: sizes, parts and the per-layer pattern `layers` (L kinds)."""
+    """Architecture of one model: sizes, parts and the per-layer pattern `layers` (L kinds).
+
+    An encoder-decoder is the decoder's config with `encoder` set to the encoder stack's
+    own config (bidirectional, no head; its `head.final_norm` says whether the stack ends
+    in a norm). Every decoder layer then has a cross-attention sub-layer over the encoder's
+    states, with a norm of its own unless `cross_norm` is False (the NAR decoder, whose
+    cross-attention starts as an exact no-op). `share_embeddings`: the encoder reads the
+    decoder's token table (T5, BART, Marian's default).
+    """
 
     family: str
     vocab_size: int
@@ -143,6 +164,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     hf_model_type: str = ""
+    encoder: ModelConfig | None = None
+    cross_norm: bool = True
+    share_embeddings: bool = True
+    decoder_start_token_id: int | None = None
 
     def __post_init__(self):
         a = self.attention
@@ -155,6 +180,8 @@ class ModelConfig:
             raise ConfigError(f"{len(self.layers)} layer kinds for {self.n_layers} layers")
         if self.norm.placement not in ("pre", "post", "sandwich"):
             raise ConfigError(f"norm placement {self.norm.placement!r} is not pre, post or sandwich")
+        if self.encoder is not None and (self.norm.placement == "sandwich" or self.norm.parallel):
+            raise ConfigError("a decoder with cross-attention needs pre- or post-norm sequential blocks")
 
     # Shorthands for the fields every method reads.
     n_heads = property(lambda self: self.attention.n_heads)
@@ -167,6 +194,7 @@ class ModelConfig:
     tie_embeddings = property(lambda self: self.head.tied)
     has_lm_head = property(lambda self: self.head.kind != "none")
     is_decoder = property(lambda self: self.attention.causal)
+    is_encoder_decoder = property(lambda self: self.encoder is not None)
 
     @property
     def rotary(self) -> RotaryConfig | None:
@@ -187,6 +215,16 @@ class ModelConfig:
         """The window when every layer slides with the same one (the cache can then be a ring)."""
         windows = {kind.window for kind in self.layers}
         return windows.pop() if len(windows) == 1 else None
+
+    def require_decoder_only(self, method: str) -> None:
+        """Raise `ConfigError` when `method` (which reads a single token stream) gets an encoder-decoder.
+
+        Example:
+            >>> # params.config.require_decoder_only("HSO")
+        """
+        if self.encoder is not None:
+            raise ConfigError(f"{method} needs a decoder-only language model; {self.hf_model_type or self.family} is "
+                              "an encoder-decoder (its searches take sources=: generate, beam_search, exact_mode)")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -217,6 +255,8 @@ class ModelConfig:
                  "head": HeadConfig}
         fields = {k: parts[k](**v) if k in parts else v for k, v in d.items()}
         fields["layers"] = tuple(LayerKind(window=k["window"], rotary=rotary(k["rotary"])) for k in d["layers"])
+        if d.get("encoder") is not None:
+            fields["encoder"] = cls.from_dict(d["encoder"])
         return cls(**fields)
 
 
@@ -338,8 +378,11 @@ def rotary_config(hf: Mapping[str, Any], head_dim: int, *, default_theta: float 
                         max_positions=int(hf.get("max_position_embeddings") or 0))
 
 
-def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+def from_hf_config(hf: Mapping[str, Any], tensors: Mapping[str, Any] | None = None) -> ModelConfig:
     """Build a `ModelConfig` from a Hugging Face config dict (the registry picks the family).
+
+    With the checkpoint's `tensors`, the family settles what only they tell (whether a
+    BERT has its MLM head, whether a T5's head is untied) through its `settle_config`.
 
     Example:
         >>> from_hf_config({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
@@ -349,4 +392,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """
     from makemost_jax.models.registry import family_for
 
-    return family_for(hf.get("model_type")).config_from_hf(hf)
+    family = family_for(hf.get("model_type"))
+    cfg = family.config_from_hf(hf)
+    settle = getattr(family, "settle_config", None)
+    return cfg if tensors is None or settle is None else settle(cfg, tensors)

@@ -265,15 +265,16 @@ def apply_rotary(x_BTNK: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array
 class Attention(nnx.Module):
     """Multi-head attention with grouped key/value heads over an explicit cache."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, source_width: int | None = None):
         a = cfg.attention
         d, h, g, k = cfg.d_model, a.n_heads, a.n_kv_heads, a.head_dim
+        cross = source_width is not None  # keys and values come from the encoder's states
         self.q = nnx.Linear(d, h * k, use_bias=a.qkv_bias, rngs=rngs)
-        self.k = nnx.Linear(d, g * k, use_bias=a.qkv_bias, rngs=rngs)
-        self.v = nnx.Linear(d, g * k, use_bias=a.qkv_bias, rngs=rngs)
+        self.k = nnx.Linear(source_width or d, g * k, use_bias=a.qkv_bias, rngs=rngs)
+        self.v = nnx.Linear(source_width or d, g * k, use_bias=a.qkv_bias, rngs=rngs)
         self.o = nnx.Linear(h * k, d, use_bias=a.out_bias, rngs=rngs)
-        self.q_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm else None
-        self.k_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm else None
+        self.q_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
+        self.k_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
 
     def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None):
         b, t, _ = x_BTD.shape
@@ -299,8 +300,71 @@ class Attention(nnx.Module):
             near_BTS = ctx["positions"][:, :, None] - ctx["key_positions"][:, None, :] < layer["window"]
             attend_BTS = attend_BTS & near_BTS
         scale = 1.0 / math.sqrt(k) if a.scale is None else a.scale
-        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra, a.softcap)
+        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra, a.softcap, ctx.get("bias"))
         return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+
+    def attend_source(self, cfg: ModelConfig, x_BTD, k_BSGK, v_BSGK, attend_BTS):
+        """Cross-attention: queries from `x`, keys/values of the encoded source (`project_source`)."""
+        b, t, _ = x_BTD.shape
+        a = cfg.attention
+        q_BTHK = self.q(x_BTD).reshape(b, t, a.n_heads, a.head_dim)
+        scale = 1.0 / math.sqrt(a.head_dim) if a.scale is None else a.scale
+        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale)
+        return self.o(out_BTHK.reshape(b, t, a.n_heads * a.head_dim).astype(x_BTD.dtype))
+
+
+def project_source(cfg: ModelConfig, cross_weights: dict, source_BSD):
+    """Every layer's cross-attention keys and values of an encoded source, (L, B, S, G, K) each.
+
+    Computed once per source; decoding reads them at every step.
+
+    Example:
+        >>> # k_LBSGK, v_LBSGK = project_source(cfg, weights["layers"]["cross_attn"], encoded_BSD)
+    """
+    shape = (cfg.n_layers, *source_BSD.shape[:2], cfg.n_kv_heads, cfg.head_dim)
+
+    def project(w):
+        y_LBSE = jnp.einsum("bsd,lde->lbse", source_BSD, w["kernel"].astype(source_BSD.dtype))
+        if "bias" in w:
+            y_LBSE = y_LBSE + w["bias"][:, None, None].astype(y_LBSE.dtype)
+        return y_LBSE.reshape(shape)
+
+    return project(cross_weights["k"]), project(cross_weights["v"])
+
+
+def relative_buckets(relative_BTS, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each relative position (key - query): exact for small distances,
+    logarithmic up to `max_distance`, split by direction when `bidirectional`.
+
+    Example:
+        >>> relative_buckets(jnp.array([-3, -1, 0, 1, 200]), True, 8, 16).tolist()
+        [2, 1, 0, 5, 7]
+    """
+    buckets = jnp.zeros_like(relative_BTS)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_BTS > 0).astype(relative_BTS.dtype) * num_buckets
+        distance = jnp.abs(relative_BTS)
+    else:
+        distance = -jnp.minimum(relative_BTS, 0)
+    exact = num_buckets // 2
+    # float32 as in the reference; clamped below so log(0) never matters.
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+    large = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(relative_BTS.dtype), num_buckets - 1)
+    return buckets + jnp.where(distance < exact, distance, large)
+
+
+def relative_bias(cfg: ModelConfig, table_NH, query_positions_BT, key_positions_BS):
+    """The additive attention bias (B, H, T, S) of T5's relative positions, from the positions
+    of the queries and of the key slots (bidirectional buckets for an encoder).
+
+    Example:
+        >>> # ctx["bias"] = relative_bias(cfg, weights["relative_bias"], positions_BT, key_positions_BS)
+    """
+    a = cfg.attention
+    relative_BTS = key_positions_BS[:, None, :] - query_positions_BT[:, :, None]
+    buckets_BTS = relative_buckets(relative_BTS, not a.causal, a.relative_buckets, a.relative_max_distance)
+    return jnp.moveaxis(table_NH[buckets_BTS], -1, 1)
 
 
 def write_slots(buffer_BSGK, new_BTGK, slots_T):
@@ -326,13 +390,14 @@ def _use_cudnn(dtype) -> bool:
     return choice == "cudnn"
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, softcap=None):
+def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
     `attend_BTS` is a boolean mask; None means plain causal attention over the
     queries' own keys (S == T), where a fused kernel can be used.
 
     `softcap`, optional, squashes the scores to (-softcap, softcap) (Gemma 2).
+    `bias_BHTS`, optional, is added to the scaled scores (T5's relative positions; B may be 1).
     `extra`, optional, is `(k_BMGK, v_BMGK, gate_H)`: M more key/value slots that every
     query may read. Head h returns `(1 - gate[h]) * plain + gate[h] * joint`, where `joint`
     is the attention over the extra slots and the keys together (one softmax, as if the
@@ -348,7 +413,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     b, t, h, k = q_BTHK.shape
     g = k_BSGK.shape[2]
     if attend_BTS is None:
-        if extra is None and softcap is None and _use_cudnn(q_BTHK.dtype):
+        if extra is None and softcap is None and bias_BHTS is None and _use_cudnn(q_BTHK.dtype):
             return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
@@ -361,6 +426,8 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     v_BGSK = v_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
     scores_BGRTS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK,
                               preferred_element_type=wide).reshape(b, g, r, t, -1) * scale
+    if bias_BHTS is not None:
+        scores_BGRTS = scores_BGRTS + bias_BHTS.reshape(bias_BHTS.shape[0], g, r, t, -1).astype(wide)
     if softcap is not None:
         scores_BGRTS = softcap * jnp.tanh(scores_BGRTS / softcap)
     # A finite floor (not -inf) keeps fully masked rows (padding queries) NaN-free.
@@ -427,28 +494,45 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         sandwich = cfg.norm.placement == "sandwich"
+        cross = cfg.encoder is not None
         self.attn_norm = Norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rngs=rngs)
         self.post_attn_norm = Norm(cfg, cfg.d_model) if sandwich else None
+        self.cross_attn = Attention(cfg, rngs=rngs, source_width=cfg.encoder.d_model) if cross else None
+        self.cross_norm = Norm(cfg, cfg.d_model) if cross and cfg.cross_norm else None
         self.mlp_norm = Norm(cfg, cfg.d_model)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.post_mlp_norm = Norm(cfg, cfg.d_model) if sandwich else None
 
-    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None):
+    def _cross(self, cfg: ModelConfig, x_BTD, ctx: dict, source):
+        """The cross-attention sub-layer (a no-op for decoder-only models)."""
+        if self.cross_attn is None:
+            return x_BTD
+
+        def attend(h_BTD):
+            return self.cross_attn.attend_source(cfg, h_BTD, *source, ctx["source_attend"])
+
+        if self.cross_norm is None:  # the NAR decoder: x + cross(x), no norm
+            return x_BTD + attend(x_BTD)
+        if cfg.norm.placement == "post":
+            return self.cross_norm(x_BTD + attend(x_BTD))
+        return x_BTD + attend(self.cross_norm(x_BTD))
+
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None, source=None):
         def attn(h_BTD):
             return self.attn(cfg, h_BTD, ctx, layer, k_BSGK, v_BSGK, extra)
 
         placement = cfg.norm.placement
-        if placement == "post":  # BERT, OPT without layer_norm_before
+        if placement == "post":  # BERT, BART, Marian, OPT without layer_norm_before
             a_BTD, k_BSGK, v_BSGK = attn(x_BTD)
-            x_BTD = self.attn_norm(x_BTD + a_BTD)
+            x_BTD = self._cross(cfg, self.attn_norm(x_BTD + a_BTD), ctx, source)
             return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
         a_BTD, k_BSGK, v_BSGK = attn(self.attn_norm(x_BTD))
         if cfg.norm.parallel:  # GPT-NeoX: both sub-layers read the block input
             return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
         if placement == "sandwich":
             a_BTD = self.post_attn_norm(a_BTD)
-        x_BTD = x_BTD + a_BTD
+        x_BTD = self._cross(cfg, x_BTD + a_BTD, ctx, source)
         m_BTD = self.mlp(cfg, self.mlp_norm(x_BTD))
         if placement == "sandwich":
             m_BTD = self.post_mlp_norm(m_BTD)
@@ -466,7 +550,11 @@ BLOCK_AXES = {
     "mlp/up/kernel": ("embed", "mlp"), "mlp/up/bias": ("mlp",),
     "mlp/gate/kernel": ("embed", "mlp"), "mlp/gate/bias": ("mlp",),
     "mlp/down/kernel": ("mlp", "embed"), "mlp/down/bias": ("norm",),
-    **{f"{n}/{p}": ("norm",) for n in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
+    "cross_attn/q/kernel": ("embed", "q_heads"), "cross_attn/q/bias": ("q_heads",),
+    "cross_attn/k/kernel": ("embed", "kv_heads"), "cross_attn/k/bias": ("kv_heads",),
+    "cross_attn/v/kernel": ("embed", "kv_heads"), "cross_attn/v/bias": ("kv_heads",),
+    "cross_attn/o/kernel": ("q_heads", "embed"), "cross_attn/o/bias": ("norm",),
+    **{f"{n}/{p}": ("norm",) for n in ("attn_norm", "post_attn_norm", "cross_norm", "mlp_norm", "post_mlp_norm")
        for p in ("scale", "bias")},
 }
 
@@ -543,14 +631,16 @@ def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None, slot
 
 
 def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=None, v_LBSGK=None,
-               return_hidden: bool = False, extra_kv=None):
+               return_hidden: bool = False, extra_kv=None, source_kv=None):
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
 
     `ctx` comes from `attention_context`. `k_LBSGK`/`v_LBSGK` are the cache buffers (None
     for encoders and fresh prefills). Per-layer settings (index, sliding window, rotary
     frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
     `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
-    query's attention by a per-head gate (see `attention` and `forward`).
+    query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
+    a decoder with cross-attention, is `(k_LBSGK, v_LBSGK)` of the encoded source
+    (`project_source`); `ctx["source_attend"]` (B, 1, S) says which source slots are real.
 
     Example:
         >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, ctx, cache.k, cache.v)
@@ -563,17 +653,17 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
         per_layer["inv_freq"], per_layer["rope_factor"] = rotary
 
     def step(x_BTD, xs):
-        weights, layer, k_BSGK, v_BSGK, extra = xs
+        weights, layer, k_BSGK, v_BSGK, extra, source = xs
         x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
-        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra)
+        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra, source)
         return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
     x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv))
+        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv, source_kv))
     return x_BTD, k_LBSGK, v_LBSGK, hidden_LBTD

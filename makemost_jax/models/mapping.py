@@ -51,17 +51,24 @@ def _take(tensors: Mapping[str, np.ndarray], used: set, name: str, transpose: bo
 
 
 def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expected,
-             n_layers: int, ignored: Iterable[str] = (), dtype=jnp.float32) -> dict:
+             n_layers: int | Mapping[str, int], ignored: Iterable[str] = (), dtype=jnp.float32) -> dict:
     """Build the weights pytree from HF tensors following `entries`.
 
     `expected` is the abstract weights tree (`expected_shapes(cfg)`); entries whose path
     it lacks are skipped (an optional weight this config does not have). `ignored` lists
     HF names (or `{i}` templates) that may be present and are dropped on purpose (e.g.
-    GPT-2's causal-mask buffers).
+    GPT-2's causal-mask buffers). `n_layers` is the layer count, or for stacks of
+    different depths (an encoder-decoder) a map from our path prefix to the count of
+    the stack below it (`{"encoder/": 6, "": 3}`: the longest matching prefix wins).
 
     Example:
         >>> # weights = assemble(tensors, _ENTRIES, expected_shapes(cfg), cfg.n_layers)
     """
+    counts = {"": n_layers} if isinstance(n_layers, int) else dict(n_layers)
+
+    def layers_of(path: str) -> int:
+        return counts[max((p for p in counts if path.startswith(p)), key=len)]
+
     used: set[str] = set()
     weights: dict = {}
     for path, name, transpose in entries:
@@ -71,7 +78,7 @@ def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expect
             continue  # optional leaf this config does not have (e.g. biases switched off)
         layered = "{i}" in name
         per_tensor = tuple(want.shape[1:] if layered else want.shape)
-        names = [name.format(i=i) for i in range(n_layers)] if layered else [name]
+        names = [name.format(i=i) for i in range(layers_of(path))] if layered else [name]
         arrays = [_take(tensors, used, n, transpose) for n in names]
         for n, a in zip(names, arrays):
             if a.shape != per_tensor:
@@ -87,7 +94,7 @@ def assemble(tensors: Mapping[str, np.ndarray], entries: Iterable[Entry], expect
     if missing:
         raise CheckpointError(f"no tensor in the checkpoint provides {missing[0]!r} "
                               f"({len(missing)} weights missing)")
-    patterns = [n.format(i=i) for n in ignored for i in range(n_layers)] if ignored else []
+    patterns = [n.format(i=i) for n in ignored for i in range(max(counts.values()))] if ignored else []
     unused = sorted(set(tensors) - used - set(patterns))
     if unused:
         raise CheckpointError(
@@ -143,3 +150,33 @@ def split_rows(tensors: dict, name: str, parts: dict[str, int], axis: int = 0) -
                               f"implies {sum(parts.values())}; the checkpoint and its config.json do not match")
     for piece, (new, _) in zip(np.split(fused, np.cumsum(list(parts.values()))[:-1], axis=axis), parts.items()):
         tensors[new] = piece
+
+
+def distinct_copy(tensors: Mapping[str, np.ndarray], name: str, original: str) -> bool:
+    """Whether `tensors` has `name` with values other than `original`'s (an untied copy).
+
+    Example:
+        >>> distinct_copy({"a": np.ones(2), "b": np.ones(2)}, "b", "a"), distinct_copy({"a": np.ones(2)}, "b", "a")
+        (False, False)
+    """
+    if name not in tensors:
+        return False
+    return original not in tensors or not np.array_equal(np.asarray(tensors[name]), np.asarray(tensors[original]))
+
+
+def drop_tied_copies(tensors: dict, original: str, copies: Iterable[str]) -> None:
+    """Remove the tied copies of `original` that older checkpoints save beside it, in place.
+
+    A copy with other values than the original is an error naming it: the model ties
+    these weights, so loading one of them would silently drop the other.
+
+    Example:
+        >>> t = {"shared": np.ones(2), "encoder.embed": np.ones(2)}
+        >>> drop_tied_copies(t, "shared", ["encoder.embed"]); sorted(t)
+        ['shared']
+    """
+    for name in copies:
+        if distinct_copy(tensors, name, original):
+            raise CheckpointError(f"tensor {name!r} differs from {original!r}, which this model ties it to; "
+                                  "the checkpoint and its config.json do not match")
+        tensors.pop(name, None)

@@ -6,6 +6,12 @@ blocks, the head; each family module (found through `models.registry`) only conv
 its Hugging Face config and maps its checkpoint's tensors onto this tree. Every weight
 declares its logical axes here or in `layers.BLOCK_AXES` (`weight_axes`).
 
+An encoder-decoder (T5, BART, Marian; `config.encoder` set) keeps the decoder at the top
+of the tree and the encoder stack under `weights["encoder"]` (its token table is the
+decoder's unless the embeddings are separate). `encode` runs the encoder; `forward`
+takes the source as `encoder_tokens` on a first call and carries its cross-attention
+keys/values in the cache (`cache.source`) for the calls after.
+
 Dimensions: B batch, T new tokens, S cache slots, L layers, D width, E embedding width
 (D unless projected), V vocabulary.
 
@@ -22,11 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import EncodedSource, KVCache, init_cache
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import (
     accumulation_dtype,
@@ -36,11 +45,39 @@ from makemost_jax.models.layers import (
     init_block_weights,
     norm,
     norm_weights,
+    project_source,
+    relative_bias,
     run_blocks,
 )
 from makemost_jax.models.registry import family_for
 from makemost_jax.models.types import ModelOutput, Params
 from makemost_jax.sharding import constrain
+
+
+def _normal(key, shape, dtype, std=0.02):
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def _stack_weights(cfg: ModelConfig, key: jax.Array, dtype, tokens: bool) -> dict:
+    """Embeddings (the token table when `tokens`), blocks and stack-level position weights of one stack."""
+    k_tok, k_pos, k_type, k_blocks, _, k_proj = jax.random.split(key, 6)  # the split decoders always had
+    e, d = cfg.embed, cfg.d_model
+    width = e.project_dim or d
+    embed = {"tokens": _normal(k_tok, (cfg.vocab_size, width), dtype)} if tokens else {}
+    if e.positions == "learned":
+        embed["positions"] = _normal(k_pos, (cfg.max_positions + e.position_offset, d), dtype, 0.01)
+    if e.type_vocab_size:
+        embed["types"] = _normal(k_type, (e.type_vocab_size, d), dtype)
+    if e.norm:
+        embed["norm"] = norm_weights(cfg, d)
+    if e.project_dim:
+        embed["project_in"] = {"kernel": _normal(k_proj, (width, d), dtype)}
+    weights = {"embed": embed} if embed else {}  # a T5 encoder reads the shared table and nothing else
+    weights["layers"] = init_block_weights(cfg, k_blocks, dtype)
+    if cfg.attention.relative_buckets:
+        shape = (cfg.attention.relative_buckets, cfg.n_heads)
+        weights["relative_bias"] = _normal(jax.random.fold_in(key, 1), shape, dtype, 0.1)
+    return weights
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -49,34 +86,27 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     Example:
         >>> # init_weights(cfg, jax.random.key(0))["embed"]["tokens"].shape == (V, E)
     """
-    k_tok, k_pos, k_type, k_blocks, k_head, k_proj = jax.random.split(key, 6)
-    e, d = cfg.embed, cfg.d_model
-    width = e.project_dim or d
-
-    def normal(k, shape, std=0.02):
-        return std * jax.random.normal(k, shape, dtype)
-
-    embed = {"tokens": normal(k_tok, (cfg.vocab_size, width))}
-    if e.positions == "learned":
-        embed["positions"] = normal(k_pos, (cfg.max_positions + e.position_offset, d), 0.01)
-    if e.type_vocab_size:
-        embed["types"] = normal(k_type, (e.type_vocab_size, d))
-    if e.norm:
-        embed["norm"] = norm_weights(cfg, d)
-    if e.project_dim:
-        embed["project_in"] = {"kernel": normal(k_proj, (width, d))}
-    weights = {"embed": embed, "layers": init_block_weights(cfg, k_blocks, dtype)}
+    _, _, _, _, k_head, k_proj = jax.random.split(key, 6)
+    d, width = cfg.d_model, cfg.embed.project_dim or cfg.d_model
+    weights = _stack_weights(cfg, key, dtype, tokens=True)
     h = cfg.head
     if h.kind == "lm":
         if h.final_norm:
             weights["final_norm"] = norm_weights(cfg, d)
-        if e.project_dim:
-            weights["project_out"] = {"kernel": normal(k_proj, (d, width))}
+        if cfg.embed.project_dim:
+            weights["project_out"] = {"kernel": _normal(k_proj, (d, width), dtype)}
         if not h.tied:
-            weights["lm_head"] = {"kernel": normal(k_head, (width, cfg.vocab_size))}
+            weights["lm_head"] = {"kernel": _normal(k_head, (width, cfg.vocab_size), dtype)}
+        if h.logits_bias:
+            weights["logits_bias"] = jnp.zeros((cfg.vocab_size,), dtype)
     elif h.kind == "mlm":
-        weights["mlm_head"] = {"dense": {"kernel": normal(k_head, (d, d)), "bias": jnp.zeros((d,), dtype)},
+        weights["mlm_head"] = {"dense": {"kernel": _normal(k_head, (d, d), dtype), "bias": jnp.zeros((d,), dtype)},
                                "norm": norm_weights(cfg, d), "bias": jnp.zeros((cfg.vocab_size,), dtype)}
+    if cfg.encoder is not None:
+        encoder = _stack_weights(cfg.encoder, jax.random.fold_in(key, 2), dtype, tokens=not cfg.share_embeddings)
+        if cfg.encoder.head.final_norm:
+            encoder["final_norm"] = norm_weights(cfg.encoder, cfg.encoder.d_model)
+        weights["encoder"] = encoder
     return weights
 
 
@@ -88,6 +118,7 @@ TOP_AXES = {
     "final_norm/scale": ("norm",), "final_norm/bias": ("norm",), "lm_head/kernel": ("embed", "vocab"),
     "mlm_head/dense/kernel": ("embed", "norm"), "mlm_head/dense/bias": ("norm",),
     "mlm_head/norm/scale": ("norm",), "mlm_head/norm/bias": ("norm",), "mlm_head/bias": ("vocab",),
+    "relative_bias": ("buckets", "heads"), "logits_bias": ("vocab",),
 }
 
 
@@ -105,8 +136,11 @@ def weight_axes(cfg: ModelConfig, weights: dict | None = None) -> dict:
             raise ConfigError(f"weight {name!r} has no logical axes; declare them in models.model.TOP_AXES")
         return TOP_AXES[name]
 
-    top = {k: v for k, v in weights.items() if k != "layers"}
-    return {**jax.tree_util.tree_map_with_path(axes, top), "layers": block_axes(cfg)}
+    top = {k: v for k, v in weights.items() if k not in ("layers", "encoder")}
+    tree = {**jax.tree_util.tree_map_with_path(axes, top), "layers": block_axes(cfg)}
+    if "encoder" in weights:
+        tree["encoder"] = weight_axes(cfg.encoder, weights["encoder"])
+    return tree
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -143,12 +177,28 @@ def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_
         x_BTD = x_BTD @ w["project_in"]["kernel"]
     if e.positions == "learned":
         x_BTD = x_BTD + w["positions"][positions_BT + e.position_offset]
+    elif e.positions == "sinusoidal":
+        x_BTD = x_BTD + jnp.asarray(sinusoidal_table(cfg.max_positions, cfg.d_model), x_BTD.dtype)[positions_BT]
     if e.type_vocab_size:
         types = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
         x_BTD = x_BTD + w["types"][types]
     if e.norm:
         x_BTD = norm(cfg, w["norm"], x_BTD)
     return x_BTD
+
+
+@functools.cache
+def sinusoidal_table(n_positions: int, width: int) -> np.ndarray:
+    """Marian's fixed position table (n_positions, width): sin(p * w_i) in the first ceil(width/2)
+    columns, cos(p * w_i) in the rest, w_i = 10000 ** (-2i / width); computed in float64.
+
+    Example:
+        >>> [round(float(v), 4) for v in sinusoidal_table(3, 4)[1]]
+        [0.8415, 0.01, 0.5403, 0.9999]
+    """
+    rates = 1.0 / np.power(10000.0, 2 * (np.arange(width) // 2) / width)
+    angles = np.arange(n_positions)[:, None] * rates[None, :]
+    return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1).astype(np.float32)
 
 
 def head(cfg: ModelConfig, weights: dict, x_BTD):
@@ -170,10 +220,14 @@ def head(cfg: ModelConfig, weights: dict, x_BTD):
     if h.final_norm:
         x_BTD = norm(cfg, weights["final_norm"], x_BTD)
     y = x_BTD @ weights["project_out"]["kernel"] if cfg.embed.project_dim else x_BTD
+    if h.input_scale != 1.0:  # T5's tied head
+        y = y * jnp.asarray(h.input_scale, y.dtype)
     if h.tied:
         logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"], preferred_element_type=wide)
     else:
         logits = jnp.einsum("btd,dv->btv", y, weights["lm_head"]["kernel"], preferred_element_type=wide)
+    if h.logits_bias:
+        logits = logits + weights["logits_bias"].astype(wide)
     if h.softcap is not None:
         logits = h.softcap * jnp.tanh(logits / h.softcap)
     return logits, x_BTD
@@ -227,16 +281,100 @@ def _check_extra_kv(cfg: ModelConfig, extra_kv, batch: int):
                          f"({cfg.n_layers}, {cfg.n_heads})")
 
 
-def _check_positions(cfg: ModelConfig, positions_BT):
-    if cfg.embed.positions == "learned" and _concrete(positions_BT):
+def _check_positions(cfg: ModelConfig, positions_BT, what: str = "the input"):
+    if cfg.embed.positions in ("learned", "sinusoidal") and _concrete(positions_BT):
         top = int(jnp.max(positions_BT))
         if top >= cfg.max_positions:
-            raise InputError(f"position {top} exceeds the model's context of {cfg.max_positions} "
-                             "tokens; shorten the input or score it in windows")
+            raise InputError(f"position {top} of {what} exceeds the model's context of {cfg.max_positions} "
+                             "tokens; shorten it or score it in windows")
+
+
+def _check_tokens(tokens_BT, vocab_size: int, what: str):
+    if tokens_BT.ndim != 2 or 0 in tokens_BT.shape or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+        raise InputError(f"{what} must be a non-empty (batch, length) array of token ids, got shape "
+                         f"{tokens_BT.shape} and dtype {tokens_BT.dtype}")
+    if _concrete(tokens_BT):  # numpy: a constant inside a jitted function must not be traced
+        values = np.asarray(tokens_BT)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= vocab_size:
+            raise InputError(f"{what} has token id {high if high >= vocab_size else low} outside the "
+                             f"vocabulary [0, {vocab_size}); was it tokenized for this model?")
+
+
+def encode(params: Params, encoder_tokens, encoder_mask=None) -> jax.Array:
+    """An encoder-decoder's encoder: final states (B, S, D) of right-padded sources.
+
+    `encoder_mask` (B, S) marks real source tokens (1) against padding (0); positions
+    count slots from 0, as Hugging Face's encoder-decoders do (a BERT-family encoder, as in
+    the NAR model, uses its family's own positions).
+
+    Example:
+        >>> # states_BSD = mm.encode(params, source_BS, source_mask_BS)
+    """
+    cfg = params.config
+    if cfg.encoder is None:
+        raise InputError(f"{cfg.hf_model_type or cfg.family} is not an encoder-decoder, so it has no encoder to "
+                         "run; encode() is for T5, BART and Marian models")
+    enc, w = cfg.encoder, params.weights["encoder"]
+    tokens_BS = jnp.asarray(encoder_tokens)
+    _check_tokens(tokens_BS, enc.vocab_size, "encoder_tokens (the source)")
+    b, s = tokens_BS.shape
+    mask_BS = jnp.ones((b, s), bool) if encoder_mask is None else jnp.asarray(encoder_mask).astype(bool)
+    if mask_BS.shape != (b, s):
+        raise InputError(f"encoder_mask has shape {mask_BS.shape} but encoder_tokens have shape {(b, s)}")
+    # Slots from 0, as HF's encoder-decoders count; a BERT-family encoder (the NAR model) counts its own way.
+    default_positions = getattr(family_for(enc.hf_model_type or enc.family), "default_positions", None)
+    positions_BS = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if default_positions is None
+                    else default_positions(enc, tokens_BS, mask_BS))
+    _check_positions(enc, positions_BS, "the source")
+    embed_weights = {"tokens": params.weights["embed"]["tokens"], **w.get("embed", {})}
+    x_BSD = embed(enc, {"embed": embed_weights}, tokens_BS, positions_BS)
+    ctx = attention_context(positions_BS, jnp.broadcast_to(mask_BS[:, None, :], (b, s, s)))
+    if enc.attention.relative_buckets:
+        ctx["bias"] = relative_bias(enc, w["relative_bias"], positions_BS, positions_BS)
+    x_BSD, _, _, _ = run_blocks(enc, w["layers"], x_BSD, ctx)
+    return norm(enc, w["final_norm"], x_BSD) if enc.head.final_norm else x_BSD
+
+
+def encode_source(params: Params, encoder_tokens, encoder_mask=None) -> EncodedSource:
+    """The encoder's states turned into every decoder layer's cross-attention keys and values.
+
+    Example:
+        >>> # source = encode_source(params, source_BS, source_mask_BS)   # once per source
+        >>> # forward(params, tokens_BT, source=source)                  # any number of decoder calls
+    """
+    states_BSD = encode(params, encoder_tokens, encoder_mask)
+    k, v = project_source(params.config, params.weights["layers"]["cross_attn"], states_BSD)
+    b, s = states_BSD.shape[:2]
+    mask_BS = jnp.ones((b, s), bool) if encoder_mask is None else jnp.asarray(encoder_mask).astype(bool)
+    return EncodedSource(k=k, v=v, mask=mask_BS)
+
+
+def _resolve_source(params: Params, cache, source, encoder_tokens, encoder_mask) -> EncodedSource | None:
+    """The encoded source a decoder call reads, from exactly one of its three spellings."""
+    cfg = params.config
+    name = cfg.hf_model_type or cfg.family
+    given = [n for n, v in (("encoder_tokens", encoder_tokens), ("source", source),
+                            ("cache.source", None if cache is None else cache.source)) if v is not None]
+    if cfg.encoder is None:
+        if given:
+            raise InputError(f"{name} is a decoder-only model and takes no {given[0]}; sources are for "
+                             "encoder-decoders (T5, BART, Marian)")
+        return None
+    if len(given) > 1:
+        raise InputError(f"the source was given twice ({' and '.join(given)}); pass encoder_tokens on the first "
+                         "call only, later calls read it from the cache")
+    if encoder_tokens is not None:
+        return encode_source(params, encoder_tokens, encoder_mask)
+    if source is not None or (cache is not None and cache.source is not None):
+        return source if source is not None else cache.source
+    raise InputError(f"{name} is an encoder-decoder: pass the source as encoder_tokens= (with encoder_mask=) on "
+                     "the first decoder call")
 
 
 def forward(params: Params, tokens, cache: KVCache | None = None, positions=None, mask=None,
-            token_types=None, return_hidden: bool = False, extra_kv=None) -> ModelOutput:
+            token_types=None, return_hidden: bool = False, extra_kv=None, encoder_tokens=None,
+            encoder_mask=None, source: EncodedSource | None = None) -> ModelOutput:
     """Run the model on `tokens` (B, T); a pure function of its arguments.
 
     Decoders write the new tokens' keys/values into `cache` at slots fill, fill+1, ...
@@ -255,6 +393,11 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     Gates of 0 leave the model exactly unchanged; the recurrence memory
     (`makemost_jax.recurrence`) enters this way, with gates that start at 0.
 
+    Encoder-decoders: `tokens` are the decoder's. The source is given once, as
+    `encoder_tokens` (B, S) with `encoder_mask` (right-padded), or as an `EncodedSource`
+    (`encode_source`); the returned cache carries it, so cached decoding passes only the
+    new decoder tokens after the first call.
+
     Example:
         >>> # out = forward(params, tokens_BT, cache=init_cache(params.config, B, 256))
         >>> # out.logits[:, -1]  # next-token logits
@@ -268,6 +411,17 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     if mask_BT.shape != (b, t):
         raise InputError(f"mask has shape {mask_BT.shape} but tokens have shape {(b, t)}")
     _check_extra_kv(cfg, extra_kv, b)
+    source = _resolve_source(params, cache, source, encoder_tokens, encoder_mask)
+    if source is not None and source.batch != b:
+        raise InputError(f"the source has batch {source.batch} but the decoder tokens have batch {b}")
+    source_kv = None if source is None else (source.k, source.v)
+
+    def add_source_and_bias(ctx, key_positions_BS):
+        if source is not None:
+            ctx["source_attend"] = source.mask[:, None, :]
+        if cfg.attention.relative_buckets:
+            ctx["bias"] = relative_bias(cfg, weights["relative_bias"], ctx["positions"], key_positions_BS)
+        return ctx
 
     if cfg.causal:
         # A fresh cache without padding or windows is plain causal attention over the input.
@@ -291,11 +445,13 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         else:
             attend_BTS = (key_positions_BS[:, None, :] >= 0) & (key_positions_BS[:, None, :] <= positions_BT[:, :, None])
             ctx = attention_context(positions_BT, attend_BTS, key_positions_BS, slots_T)
+        ctx = add_source_and_bias(ctx, ctx["key_positions"])
         x0_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types)
         buffers = (None, None) if fresh else (cache.k, cache.v)
-        x_BTD, k, v, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden, extra_kv)
+        x_BTD, k, v, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden, extra_kv,
+                                         source_kv)
         new_cache = KVCache(k=k, v=v, positions=key_positions_BS, fill=cache.fill + t,
-                            next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32))
+                            next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32), source=source)
     else:
         if cache is not None:
             raise InputError(f"{cfg.hf_model_type} is an encoder and takes no cache; pass cache=None")
@@ -303,9 +459,10 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
             positions = family_for(cfg.hf_model_type or cfg.family).default_positions(cfg, tokens_BT, mask_BT)
         _check_positions(cfg, positions)
         attend_BTS = jnp.broadcast_to(mask_BT[:, None, :], (b, t, t))
+        ctx = add_source_and_bias(attention_context(positions, attend_BTS), positions)
         x0_BTD = embed(cfg, weights, tokens_BT, positions, token_types)
-        x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, attention_context(positions, attend_BTS),
-                                         return_hidden=return_hidden, extra_kv=extra_kv)
+        x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, return_hidden=return_hidden,
+                                         extra_kv=extra_kv, source_kv=source_kv)
         new_cache = None
     logits, final_BTD = head(cfg, weights, x_BTD)
     if logits is not None:

@@ -41,6 +41,11 @@ FAMILIES = (
     Family("phi3", "phi3", "phi3", "fused qkv and gate_up, partial rotary, longrope"),
     Family("gpt_neox", "gpt_neox", None, "per-head fused qkv, partial rotary, parallel residual"),
     Family("opt", "opt", None, "learned positions (offset 2), pre/post LayerNorm, projections"),
+    Family("t5", "t5", None, "encoder-decoder, relative position buckets, unscaled attention, tied/untied head"),
+    Family("mt5", "t5", None, "encoder-decoder, T5 v1.1 layout, untied head"),
+    Family("bart", "bart", None, "encoder-decoder, learned positions (offset 2), post-LN, final_logits_bias"),
+    Family("mbart", "bart", None, "encoder-decoder, BART layout with pre-LN and final norms"),
+    Family("marian", "marian", None, "encoder-decoder (OPUS-MT), sinusoidal positions, separate vocabularies"),
     Family("bert", "bert", None, "encoder, MLM head"),
     Family("roberta", "bert", None, "encoder, positions from padding_idx + 1"),
 )

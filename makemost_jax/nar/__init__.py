@@ -18,7 +18,6 @@ from makemost_jax.nar.model import (
                                     Seq2SeqParams,
                                     add_mlm_head,
                                     cross_kv,
-                                    decoder_logits,
                                     encode,
                                     init_seq2seq,
                                     length_logits,
@@ -42,7 +41,7 @@ from makemost_jax.nar.train import (
 
 __all__ = ["DecodeConfig", "DecodeResult", "PairBatches", "Seq2SeqConfig", "Seq2SeqParams", "SundaeConfig",
            "add_mlm_head", "ar_greedy", "ar_logits_full", "ar_loss", "asset_path", "bleu", "corrupt", "cross_kv",
-           "decode_tokens", "decoder_logits", "encode", "encode_pairs", "encode_sources", "fixed_batches",
+           "decode_tokens", "encode", "encode_pairs", "encode_sources", "fixed_batches",
            "init_seq2seq", "length_logits", "load_seq2seq", "loss_function", "nar_decode", "nar_logits",
            "normalise_references", "predict_lengths", "read_pairs", "resolve_mlm", "save_seq2seq", "seq2seq_config",
            "special_ids", "sundae_loss", "timed_decode", "train_seq2seq", "translate"]

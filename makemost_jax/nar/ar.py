@@ -13,12 +13,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError
-from makemost_jax.models import bert, token_logprobs
-from makemost_jax.nar.model import Seq2SeqParams, check_source, cross_kv, decoder_logits, encode, target_positions
+from makemost_jax.models import bert, forward, init_cache, token_logprobs
+from makemost_jax.nar.model import Seq2SeqParams, check_source, cross_kv, encode, target_positions
+
+
+def _source(params: Seq2SeqParams, source_BS, source_mask_BS):
+    return cross_kv(params, encode(params, source_BS, source_mask_BS), source_mask_BS)
 
 
 def _shifted(config, target_BT, target_mask_BT):
@@ -39,13 +45,9 @@ def ar_loss(params: Seq2SeqParams, batch, *, rng=None, frozen=None):
         >>> # loss, m = ar_loss(params, batch)
     """
     cfg = params.config
-    source_mask = batch["source_mask"]
     inputs, outputs, out_mask = _shifted(cfg, batch["target"], batch["target_mask"])
-    ck, cv = cross_kv(params, encode(params, batch["source"], source_mask))
-    t = inputs.shape[1]
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (inputs.shape[0], t, t))
-    cross_attend = jnp.broadcast_to(source_mask.astype(bool)[:, None, :], (inputs.shape[0], t, source_mask.shape[1]))
-    logits, _ = decoder_logits(params, inputs, target_positions(cfg, inputs), causal, ck, cv, cross_attend)
+    logits = forward(params.model, inputs, positions=target_positions(cfg, inputs),
+                     source=_source(params, batch["source"], batch["source_mask"])).logits
     mask_f = out_mask.astype(jnp.float32)
     return -(token_logprobs(logits, outputs) * mask_f).sum() / jnp.maximum(mask_f.sum(), 1.0), {"tokens": mask_f.sum()}
 
@@ -56,10 +58,8 @@ def _greedy(params: Seq2SeqParams, source_BS, source_mask_BS):
     mc = cfg.model
     b = source_BS.shape[0]
     c = cfg.max_target + 1  # cache slots: [CLS] + up to max_target tokens
-    ck, cv = cross_kv(params, encode(params, source_BS, source_mask_BS))
-    cross_attend = source_mask_BS.astype(bool)[:, None, :]
-    shape = (mc.n_layers, b, c, mc.n_heads, mc.head_dim)
-    cache = (jnp.zeros(shape, ck.dtype), jnp.zeros(shape, ck.dtype))
+    source = _source(params, source_BS, source_mask_BS)
+    cache = dataclasses.replace(init_cache(cfg.model_config, b, c, source.k.dtype), source=source)
     banned = jnp.array([cfg.pad_id, cfg.cls_id, cfg.mask_id])
     out_BT = jnp.full((b, cfg.max_target), cfg.pad_id, jnp.int32)
 
@@ -69,11 +69,10 @@ def _greedy(params: Seq2SeqParams, source_BS, source_mask_BS):
 
     def body(carry):
         i, token_B, cache, out_BT, done_B, lengths_B = carry
-        attend = (jnp.arange(c) <= i)[None, None, :]
         position = jnp.full((b, 1), i + bert.position_start(mc))
-        logits, cache = decoder_logits(params, token_B[:, None], position, attend, ck, cv, cross_attend,
-                                       cache=cache, fill=i)
-        logits_BV = logits[:, 0].at[:, banned].set(-jnp.inf)
+        out = forward(params.model, token_B[:, None], cache=cache, positions=position)
+        cache = out.cache
+        logits_BV = out.logits[:, 0].at[:, banned].set(-jnp.inf)
         # The last slot may only end the sequence.
         logits_BV = jnp.where(i == cfg.max_target, jnp.full_like(logits_BV, -jnp.inf).at[:, cfg.sep_id].set(0),
                               logits_BV)
@@ -111,9 +110,5 @@ def ar_logits_full(params: Seq2SeqParams, source_BS, source_mask_BS, inputs_BT):
     Example:
         >>> # ar_logits_full(params, src_BS, src_mask_BS, jnp.array([[cls, y1, y2]]))
     """
-    ck, cv = cross_kv(params, encode(params, source_BS, source_mask_BS))
-    b, t = inputs_BT.shape
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    cross_attend = jnp.broadcast_to(source_mask_BS.astype(bool)[:, None, :], (b, t, source_mask_BS.shape[1]))
-    return decoder_logits(params, inputs_BT, target_positions(params.config, inputs_BT), causal, ck, cv,
-                          cross_attend)[0]
+    return forward(params.model, inputs_BT, positions=target_positions(params.config, inputs_BT),
+                   source=_source(params, source_BS, source_mask_BS)).logits

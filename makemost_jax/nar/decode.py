@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError, InputError
+from makemost_jax.models.cache import repeat_rows
 from makemost_jax.nar.model import Seq2SeqParams, check_source, cross_kv, encode, length_logits, nar_logits
 
 INITS = ("random", "mask")
@@ -78,10 +79,8 @@ def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, s
     if lengths_BN is None:
         lengths_BN = _top_lengths(params, enc_BSD, source_mask_BS, config.length_candidates)
     b, n = lengths_BN.shape
-    ck, cv = cross_kv(params, enc_BSD)
     # One row per (source, length candidate): candidates of a source are adjacent rows.
-    ck, cv = (jnp.repeat(x, n, axis=1) for x in (ck, cv))
-    source_mask_RS = jnp.repeat(source_mask_BS, n, axis=0)
+    source_R = repeat_rows(cross_kv(params, enc_BSD, source_mask_BS), n)
     lengths_R = lengths_BN.reshape(-1)
     mask_RT = jnp.arange(t)[None] < lengths_R[:, None]
     k_init, k_steps = jax.random.split(key)
@@ -95,7 +94,7 @@ def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, s
 
     def step(i, carry):
         x_RT, _ = carry
-        logits = _ban_specials(cfg, nar_logits(params, x_RT, mask_RT, ck, cv, source_mask_RS))
+        logits = _ban_specials(cfg, nar_logits(params, x_RT, mask_RT, source_R))
         logp_RTV = jax.nn.log_softmax(logits, axis=-1)
         if config.temperature == 0:
             pred_RT = logp_RTV.argmax(-1).astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""Encoder-decoder built from a BERT-family masked LM (METHODS.md section 4).
+"""Encoder-decoder built from a BERT-family masked LM (METHODS.md section 4), on the shared core.
 
 Encoder = the pretrained MLM (its final hidden states). Decoder = another copy of the MLM
 (embeddings, layers, MLM head) with a cross-attention sublayer added to every layer after
@@ -10,16 +10,19 @@ the MLM's activations). The MLM head is the output layer. A length head (a zero-
 linear classifier over lengths 0..max_target on the masked mean of the encoder states)
 predicts the target length for non-autoregressive decoding.
 
-The same container holds the autoregressive baseline (`Seq2SeqConfig.autoregressive`):
-the same encoder and decoder, with causal self-attention in the decoder and next-token
-targets ([CLS] starts the target, [SEP] ends it).
+The encoder-decoder is an ordinary model of the shared core (`models.model`): a BERT
+decoder config with `encoder=` the BERT encoder config and `cross_norm=False`
+(`Seq2SeqConfig.model_config`), so it runs through `forward` / `encode_source` and the
+shared `Block`s like T5, BART and Marian. The same container holds the autoregressive
+baseline (`Seq2SeqConfig.autoregressive`): the same encoder and decoder, with causal
+self-attention in the decoder and next-token targets ([CLS] starts the target, [SEP] ends it).
 
 Checkpoints without an MLM head (all-MiniLM-L6-v2 is a bare encoder) get one initialised
 by `add_mlm_head`: dense = identity, bias 0, LayerNorm scale 1 / bias 0, output weights
 tied to the word embeddings, output bias 0 (so logits = LN(gelu(h)) . E^T).
 
-Dimensions: B batch, S source tokens, T target tokens, C cache slots, L layers, D width,
-H heads, K head width, V vocabulary, N length classes (max_target + 1).
+Dimensions: B batch, S source tokens, T target tokens, L layers, D width, V vocabulary,
+N length classes (max_target + 1).
 
 Example:
     >>> import jax
@@ -29,14 +32,13 @@ Example:
     ...   "max_position_embeddings": 20}), jax.random.key(0))
     >>> config = Seq2SeqConfig(mlm.config, max_source=8, max_target=6, pad_id=0, cls_id=1, sep_id=2, mask_id=3)
     >>> params = init_seq2seq(mlm, config)
-    >>> sorted(params.weights), params.weights["decoder"]["layers"]["cross"]["o"]["kernel"].shape
-    (['decoder', 'encoder', 'length'], (2, 16, 16))
+    >>> sorted(params.weights), params.weights["model"]["layers"]["cross_attn"]["o"]["kernel"].shape
+    (['length', 'model'], (2, 16, 16))
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -44,8 +46,9 @@ import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models import bert, model
-from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.layers import BLOCK_AXES, activation, attention, attention_context, norm, run_blocks
+from makemost_jax.models.cache import EncodedSource
+from makemost_jax.models.config import HeadConfig, ModelConfig
+from makemost_jax.models.layers import project_source
 from makemost_jax.models.types import Params
 
 
@@ -89,40 +92,50 @@ class Seq2SeqConfig:
     def special_ids(self) -> tuple[int, ...]:
         return (self.pad_id, self.cls_id, self.sep_id, self.mask_id)
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The encoder-decoder on the shared core: MLM decoder (causal for the AR baseline) with
+        cross-attention without norms over a copy of the MLM as encoder.
+
+        Example:
+            >>> # params.config.model_config.encoder.causal, params.config.model_config.cross_norm
+            >>> # (False, False)
+        """
+        mlm = self.model
+        encoder = mlm.replace(head=HeadConfig(kind="none", final_norm=False))
+        attention = dataclasses.replace(mlm.attention, causal=self.autoregressive)
+        return mlm.replace(attention=attention, encoder=encoder, cross_norm=False, share_embeddings=False)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Seq2SeqParams:
-    """Weights {"encoder", "decoder", "length"} with the static `Seq2SeqConfig`.
+    """Weights {"model": the encoder-decoder's, "length": the length head's} with the static `Seq2SeqConfig`.
 
     Example:
-        >>> # params.config.max_target, params.weights["decoder"]["mlm_head"]["bias"].shape
+        >>> # params.model  -> Params of the encoder-decoder (mm.forward works on it)
     """
 
     config: Seq2SeqConfig = dataclasses.field(metadata={"static": True})
     weights: dict[str, Any]
 
     @property
+    def model(self) -> Params:
+        """The encoder-decoder as shared-core `Params`."""
+        return Params(self.config.model_config, self.weights["model"])
+
+    @property
     def num_parameters(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.weights))
 
     def logical_axes(self) -> dict:
-        """Logical axes of every weight: the MLM's for encoder and decoder, its attention's
-        for the cross-attention, (embed, norm) for the length head.
+        """Logical axes of every weight: the encoder-decoder's own, (embed, norm) for the length head.
 
         Example:
-            >>> # sharding.logical_axes(params)["decoder"]["layers"]["cross"]["q"]["kernel"]
+            >>> # sharding.logical_axes(params)["model"]["layers"]["cross_attn"]["q"]["kernel"]
             >>> # ('layers', 'embed', 'q_heads')
         """
-        cfg = self.config.model
-        enc, dec = self.weights["encoder"], self.weights["decoder"]
-        plain = {**dec, "layers": {k: v for k, v in dec["layers"].items() if k != "cross"}}
-        dec_axes = model.weight_axes(cfg, plain)
-        cross = jax.tree_util.tree_map_with_path(
-            lambda path, _: ("layers",) + BLOCK_AXES["attn/" + "/".join(str(p.key) for p in path)],
-            dec["layers"]["cross"])
-        axes = {"encoder": model.weight_axes(cfg, enc),
-                "decoder": {**dec_axes, "layers": {**dec_axes["layers"], "cross": cross}}}
+        axes = {"model": model.weight_axes(self.config.model_config, self.weights["model"])}
         if "length" in self.weights:
             axes["length"] = {"kernel": ("embed", "norm"), "bias": ("norm",)}
         return axes
@@ -229,12 +242,11 @@ def init_seq2seq(mlm: Params, config: Seq2SeqConfig, key: jax.Array | None = Non
         enc, dec = model.init_weights(cfg, k_enc, mlm.dtype), model.init_weights(cfg, k_dec, mlm.dtype)
     else:
         enc, dec = _copy(mlm.weights), _copy(mlm.weights)
-    enc = {k: v for k, v in enc.items() if k != "mlm_head"}
     attn = dec["layers"]["attn"]
     cross = {name: _copy(attn[name]) for name in ("q", "k", "v")}
     cross["o"] = jax.tree.map(jnp.zeros_like, attn["o"])
-    dec = {**dec, "layers": {**dec["layers"], "cross": cross}}
-    weights = {"encoder": enc, "decoder": dec}
+    encoder = {k: v for k, v in enc.items() if k != "mlm_head"}
+    weights = {"model": {**dec, "layers": {**dec["layers"], "cross_attn": cross}, "encoder": encoder}}
     if not config.autoregressive:
         weights["length"] = {"kernel": jnp.zeros((cfg.d_model, config.max_target + 1), mlm.dtype),
                              "bias": jnp.zeros((config.max_target + 1,), mlm.dtype)}
@@ -247,14 +259,7 @@ def encode(params: Seq2SeqParams, source_BS, source_mask_BS):
     Example:
         >>> # enc_BSD = encode(params, source_BS, source_mask_BS)
     """
-    cfg = params.config.model
-    w = params.weights["encoder"]
-    mask_BS = source_mask_BS.astype(bool)
-    positions_BS = bert.default_positions(cfg, source_BS, mask_BS)
-    x_BSD = model.embed(cfg, w, source_BS, positions_BS)
-    attend_BSS = jnp.broadcast_to(mask_BS[:, None, :], mask_BS.shape + mask_BS.shape[1:])
-    x_BSD, _, _, _ = run_blocks(cfg, w["layers"], x_BSD, attention_context(positions_BS, attend_BSS))
-    return x_BSD
+    return model.encode(params.model, source_BS, source_mask_BS)
 
 
 def length_logits(params: Seq2SeqParams, enc_BSD, source_mask_BS):
@@ -269,70 +274,14 @@ def length_logits(params: Seq2SeqParams, enc_BSD, source_mask_BS):
     return (pooled_BD @ w["kernel"] + w["bias"]).astype(jnp.float32)
 
 
-def _dense(w, x):
-    return x @ w["kernel"] + w["bias"]
-
-
-def _heads(cfg: ModelConfig, x_BTD):
-    return x_BTD.reshape(*x_BTD.shape[:2], cfg.n_heads, cfg.head_dim)
-
-
-def cross_kv(params: Seq2SeqParams, enc_BSD):
-    """Cross-attention keys and values of every decoder layer, (L, B, S, H, K) each.
-
-    Computed once per source: decoding reuses them at every step.
+def cross_kv(params: Seq2SeqParams, enc_BSD, source_mask_BS) -> EncodedSource:
+    """The decoder's cross-attention keys and values of every layer, computed once per source.
 
     Example:
-        >>> # k_LBSHK, v_LBSHK = cross_kv(params, encode(params, source_BS, source_mask_BS))
+        >>> # source = cross_kv(params, encode(params, source_BS, source_mask_BS), source_mask_BS)
     """
-    cfg = params.config.model
-    cross = params.weights["decoder"]["layers"]["cross"]
-    shape = (cfg.n_layers, *enc_BSD.shape[:2], cfg.n_heads, cfg.head_dim)
-
-    def project(w):
-        return (jnp.einsum("bsd,lde->lbse", enc_BSD, w["kernel"]) + w["bias"][:, None, None]).reshape(shape)
-    return project(cross["k"]), project(cross["v"])
-
-
-def decoder_logits(params: Seq2SeqParams, target_BT, positions_BT, self_attend_BTC, cross_k, cross_v,
-                   cross_attend_BTS, cache=None, fill=0):
-    """Decoder pass: float32 logits (B, T, V) and the updated self-attention cache.
-
-    `self_attend_BTC` says which keys each target position reads (C = T without a
-    cache, the cache size with one). `cache`, optional, is `(k, v)` buffers
-    (L, B, C, H, K) that receive the new keys/values at slots [fill, fill + T)
-    (autoregressive decoding); the returned cache is None without one.
-
-    Example:
-        >>> # logits_BTV, _ = decoder_logits(params, y_BT, pos_BT, attend_BTT, k, v, cross_attend_BTS)
-    """
-    cfg = params.config.model
-    w = params.weights["decoder"]
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    act = activation(cfg.activation)
-    k_cache, v_cache = (None, None) if cache is None else cache
-
-    def layer(x_BTD, inputs):
-        lw, ck_BSHK, cv_BSHK, k_BCHK, v_BCHK = inputs
-        a = lw["attn"]
-        q_BTHK, k_BTHK, v_BTHK = (_heads(cfg, _dense(a[n], x_BTD)) for n in ("q", "k", "v"))
-        if k_BCHK is not None:
-            k_BCHK = jax.lax.dynamic_update_slice_in_dim(k_BCHK, k_BTHK.astype(k_BCHK.dtype), fill, 1)
-            v_BCHK = jax.lax.dynamic_update_slice_in_dim(v_BCHK, v_BTHK.astype(v_BCHK.dtype), fill, 1)
-            k_BTHK, v_BTHK = k_BCHK, v_BCHK
-        out_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, self_attend_BTC, scale)
-        x_BTD = norm(cfg, lw["attn_norm"], x_BTD + _dense(a["o"], out_BTHK.reshape(x_BTD.shape)))
-        c = lw["cross"]
-        out_BTHK = attention(_heads(cfg, _dense(c["q"], x_BTD)), ck_BSHK, cv_BSHK, cross_attend_BTS, scale)
-        x_BTD = x_BTD + _dense(c["o"], out_BTHK.reshape(x_BTD.shape))
-        h_BTF = act(_dense(lw["mlp"]["up"], x_BTD))
-        x_BTD = norm(cfg, lw["mlp_norm"], x_BTD + _dense(lw["mlp"]["down"], h_BTF))
-        return x_BTD, (k_BCHK, v_BCHK)
-
-    x_BTD = model.embed(cfg, w, target_BT, positions_BT)
-    x_BTD, (k_cache, v_cache) = jax.lax.scan(layer, x_BTD, (w["layers"], cross_k, cross_v, k_cache, v_cache))
-    logits_BTV, _ = model.head(cfg, w, x_BTD)
-    return logits_BTV, None if cache is None else (k_cache, v_cache)
+    k, v = project_source(params.config.model_config, params.weights["model"]["layers"]["cross_attn"], enc_BSD)
+    return EncodedSource(k=k, v=v, mask=jnp.asarray(source_mask_BS).astype(bool))
 
 
 def target_positions(config: Seq2SeqConfig, target_BT):
@@ -345,19 +294,14 @@ def target_positions(config: Seq2SeqConfig, target_BT):
     return jnp.broadcast_to(jnp.arange(target_BT.shape[1]) + bert.position_start(cfg), target_BT.shape)
 
 
-def nar_logits(params: Seq2SeqParams, target_BT, target_mask_BT, cross_k, cross_v, source_mask_BS):
+def nar_logits(params: Seq2SeqParams, target_BT, target_mask_BT, source: EncodedSource):
     """Non-autoregressive decoder: every target position reads every real target position.
 
     Example:
-        >>> # logits_BTV = nar_logits(params, y_BT, y_mask_BT, *cross_kv(params, enc_BSD), source_mask_BS)
+        >>> # logits_BTV = nar_logits(params, y_BT, y_mask_BT, cross_kv(params, enc_BSD, source_mask_BS))
     """
-    t_mask = target_mask_BT.astype(bool)
-    self_attend = jnp.broadcast_to(t_mask[:, None, :], t_mask.shape + t_mask.shape[1:])
-    cross_attend = jnp.broadcast_to(source_mask_BS.astype(bool)[:, None, :],
-                                    (t_mask.shape[0], t_mask.shape[1], source_mask_BS.shape[1]))
-    logits, _ = decoder_logits(params, target_BT, target_positions(params.config, target_BT), self_attend,
-                               cross_k, cross_v, cross_attend)
-    return logits
+    return model.forward(params.model, target_BT, positions=target_positions(params.config, target_BT),
+                         mask=target_mask_BT, source=source).logits
 
 
 def check_source(config: Seq2SeqConfig, source_BS, source_mask_BS):

@@ -95,12 +95,12 @@ def sundae_loss(params: Seq2SeqParams, batch, *, rng, frozen=None, config: Sunda
     mask_f = target_mask.astype(jnp.float32)
     keys = jax.random.split(rng, config.unroll_steps)
     enc_BSD = encode(params, source, source_mask)
-    ck, cv = cross_kv(params, enc_BSD)  # shared by every unrolled step
+    encoded = cross_kv(params, enc_BSD, source_mask)  # shared by every unrolled step
     x_BT = corrupt(keys[0], target, target_mask, cfg.model.vocab_size, cfg.mask_id, config.corruption)
     metrics = {}
     loss = jnp.float32(0.0)
     for step in range(config.unroll_steps):
-        logits_BTV = nar_logits(params, x_BT, target_mask, ck, cv, source_mask)
+        logits_BTV = nar_logits(params, x_BT, target_mask, encoded)
         step_loss = _token_nll(logits_BTV, target, mask_f)
         metrics[f"step{step + 1}"] = step_loss
         loss = loss + step_loss

@@ -37,7 +37,7 @@ from makemost_jax.nar.model import Seq2SeqConfig, Seq2SeqParams
 from makemost_jax.nar.sundae import SundaeConfig, sundae_loss
 from makemost_jax.training import TrainConfig, evaluate, train
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: weights {"model" (the shared-core encoder-decoder), "length"}
 DEFAULT_SUNDAE = SundaeConfig()
 DEFAULT_DECODE = DecodeConfig()
 

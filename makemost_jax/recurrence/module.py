@@ -87,6 +87,7 @@ class RecurrenceConfig:
             >>> c = RecurrenceConfig().resolve(lm); (c.read_layer, c.pool_heads, c.mlp_width)
             (2, 2, 16)
         """
+        lm.require_decoder_only("recurrence")
         if not lm.causal:
             raise ConfigError(f"recurrence needs a causal decoder; {lm.hf_model_type or lm.family} is an encoder "
                               "(use a GPT-2 or Llama-family model)")
