@@ -10,7 +10,10 @@ drift in machine load hits all alike, medians of repeats, ratios printed last:
    prompts (no padding on either side). EOS is forbidden before the last step
    (`min_length` / `min_new_tokens` = new tokens), so both run every step and must return
    the same sequences; the script checks them and the scores. Variants: the GPT-2-small
-   shape at batch 8 x 8 beams x 64 new tokens (the issue's setting) and a CPU-sized one.
+   shape at batch 8 x 8 beams x 64 new tokens (the issue's setting) and a CPU-sized one;
+   for encoder-decoders, the OPUS-MT (Marian) shape at 8 sources x 5 beams x 32 new tokens
+   (`opus-mt`; sources of 32 tokens, one encoder pass per source shared by its beams, the
+   pad token banned on both sides as OPUS-MT's generation config does).
 2. conditional beam search at the same settings: the same call with a classifier head
    (`init_classifier`, untrained: its cost does not depend on its weights) as the term
    and `MinLength` as the filter; wall time against plain beam search.
@@ -68,13 +71,14 @@ class Variant:
     """One beam-search setting: model shape, batch, beams, new tokens, prompt length, repeats, PyTorch threads."""
 
     name: str
-    hf_config: dict  # overrides of the GPT-2 config (empty: GPT-2 small)
+    hf_config: dict  # overrides of the GPT-2 (or Marian) config (empty: GPT-2 small)
     batch: int
     beams: int
     new_tokens: int
     prompt: int = 32  # one prompt bucket: no padding on the JAX side either
     repeats: int = 3
     torch_threads: tuple[int, ...] = (0, 1)  # each timed; 0: PyTorch's default (all cores)
+    family: str = "gpt2"  # "gpt2" or "marian" (an encoder-decoder: `prompt` is the source length)
 
 
 VARIANTS = {
@@ -84,7 +88,32 @@ VARIANTS = {
     # CPU-sized: the same model, one prompt of 4 beams, 32 new tokens (interactive use on a laptop).
     "gpt2-small-cpu": Variant("gpt2-small-cpu", {}, batch=1, beams=4, new_tokens=32),
     "tiny": Variant("tiny", {"n_layer": 2, "n_embd": 128, "n_head": 2}, batch=2, beams=4, new_tokens=16),
+    # Helsinki-NLP/opus-mt-* (MarianMTModel): 6 + 6 layers, width 512, 8 heads, 65,001 tokens.
+    "opus-mt": Variant("opus-mt", {}, batch=8, beams=5, new_tokens=32, torch_threads=(1,), family="marian"),
+    "opus-mt-tiny": Variant("opus-mt-tiny", {"encoder_layers": 1, "decoder_layers": 1, "d_model": 64,
+                                             "vocab_size": 1001, "pad_token_id": 1000,
+                                             "decoder_start_token_id": 1000},
+                            batch=2, beams=3, new_tokens=8, family="marian"),
 }
+OPUS_MT = dict(vocab_size=65001, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+               decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
+               scale_embedding=True, pad_token_id=65000, eos_token_id=0, decoder_start_token_id=65000,
+               forced_eos_token_id=None)
+
+
+def _model(v: Variant, device: str):
+    """(HF model, our params, HF config) of a variant, same random weights."""
+    torch.manual_seed(0)
+    if v.family == "marian":
+        hf_config = transformers.MarianConfig(**{**OPUS_MT, **v.hf_config})
+        model = transformers.MarianMTModel(hf_config).eval().to(device)
+    else:
+        hf_config = SHAPES["gpt2-small"]()
+        for key, value in v.hf_config.items():
+            setattr(hf_config, key, value)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config).eval().to(device)
+    tensors = {k: t.float().cpu().numpy() for k, t in model.state_dict().items()}
+    return model, params_from_hf(from_hf_config(hf_config.to_dict(), tensors), tensors), hf_config
 HEAD = "min-length:8"  # CBS: the attribute of the classifier head and of the filter
 
 
@@ -114,35 +143,36 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
     The JAX warm-up is the compiling call; PyTorch's is a 2-token call. The outputs compared
     are those of the last timed repeat.
     """
-    torch.manual_seed(0)
-    hf_config = SHAPES["gpt2-small"]()
-    for key, value in v.hf_config.items():
-        setattr(hf_config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval().to(device)
-    params = params_from_hf(from_hf_config(hf_config.to_dict()),
-                            {k: t.float().cpu().numpy() for k, t in model.state_dict().items()})
+    model, params, hf_config = _model(v, device)
+    seq2seq = v.family == "marian"
     eos = hf_config.eos_token_id
-    prompts = np.random.RandomState(0).randint(0, eos, (v.batch, v.prompt)).astype(np.int32)
+    pad = hf_config.pad_token_id if seq2seq else eos
+    # Token ids that are neither EOS nor pad (Marian's EOS is 0, GPT-2's the last id).
+    prompts = np.random.RandomState(0).randint(1, hf_config.vocab_size - 1, (v.batch, v.prompt)).astype(np.int32)
     # EOS forbidden until the last step: every hypothesis runs all steps on both sides.
-    search = {"beams": v.beams, "max_new_tokens": v.new_tokens, "eos_id": eos, "pad_id": eos,
+    search = {"beams": v.beams, "max_new_tokens": v.new_tokens, "eos_id": eos, "pad_id": pad,
               "min_length": v.new_tokens, "length_penalty": 1.0}
+    # An encoder-decoder reads the token rows as sources and starts from its decoder start token.
+    prompts_jax, sources = (None, {"sources": prompts}) if seq2seq else (prompts, {})
     head = init_classifier(params, attribute=HEAD)
     inputs = torch.as_tensor(prompts, dtype=torch.long, device=device)
+    hf_extra = {"bad_words_ids": [[pad]], "forced_eos_token_id": None} if seq2seq else {}
 
     def run_jax():
-        return jax.block_until_ready(beam.beam_search(params, prompts, **search))
+        return jax.block_until_ready(beam.beam_search(params, prompts_jax, **sources, **search))
 
     def run_cbs():
-        return jax.block_until_ready(conditional_beam_search(params, prompts, head, MinLength(8), **search))
+        return jax.block_until_ready(conditional_beam_search(params, prompts_jax, head, MinLength(8), **sources,
+                                                             **search))
 
     def run_torch(threads: int, new_tokens: int = v.new_tokens):
         torch.set_num_threads(threads)
         with torch.inference_mode():
             out = model.generate(inputs, attention_mask=torch.ones_like(inputs), num_beams=v.beams,
                                  num_return_sequences=v.beams, do_sample=False, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos,
+                                 min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
                                  length_penalty=1.0, early_stopping=False, output_scores=True,
-                                 return_dict_in_generate=True)
+                                 return_dict_in_generate=True, **hf_extra)
         if device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -162,7 +192,7 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
     torch.set_num_threads(torch_threads[0])
     ours, cbs, ref = outputs["jax"], outputs["cbs"], outputs[f"torch_{torch_threads[-1]}"]
     ours_seqs = np.asarray(ours.tokens).reshape(v.batch * v.beams, -1)
-    ref_seqs = ref.sequences[:, v.prompt:].cpu().numpy()
+    ref_seqs = ref.sequences[:, 1 if seq2seq else v.prompt:].cpu().numpy()  # seq2seq: after the start token
     same_rows = float(np.mean(np.all(ours_seqs == ref_seqs, axis=1)))
     score_diff = float(np.abs(np.asarray(ours.scores).reshape(-1) - ref.sequences_scores.cpu().numpy()).max())
     cbs_ok = bool(np.all(np.asarray(cbs.finished)))
@@ -173,7 +203,9 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
         return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
     return {
-        "variant": v.name, "n_layer": hf_config.n_layer, "n_embd": hf_config.n_embd, "vocab": hf_config.vocab_size,
+        "variant": v.name, "family": v.family, "vocab": hf_config.vocab_size,
+        "n_layer": hf_config.decoder_layers if seq2seq else hf_config.n_layer,
+        "n_embd": hf_config.d_model if seq2seq else hf_config.n_embd,
         "batch": v.batch, "beams": v.beams, "new_tokens": v.new_tokens, "prompt": v.prompt, "repeats": v.repeats,
         "dtype": "float32", "torch_attention": hf_config._attn_implementation,
         "seconds": median, "times": times,
@@ -220,7 +252,8 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
              machine_line(info) + (f" XLA_FLAGS: `{flags}`." if flags else ""), "",
              f"Command: `{command}`", "",
              "## Beam search vs Hugging Face `generate(num_beams=K)`, and CBS", "",
-             ("Random-weight GPT-2 (same weights in both frameworks), float32, prompts of 32 tokens, EOS forbidden "
+             ("Random-weight GPT-2 or OPUS-MT-shaped Marian (same weights in both frameworks), float32, prompts "
+              "(Marian: sources) of 32 tokens, EOS forbidden "
               "before the last step so every call runs all steps; seconds per call are medians of interleaved "
               "repeats after warm-up, speed-ups medians of the pairwise ratios. CBS: the same search with an "
               f"(untrained) classifier head as the term (prefilter 4K) and the filter `{HEAD}`."), "",

@@ -447,6 +447,50 @@ def cmd_nar_translate(args) -> dict:
     return report
 
 
+def _read_lines(path: str) -> list[str]:
+    """Non-empty-checked lines of a UTF-8 file, or of stdin for "-"."""
+    text = sys.stdin.read() if path == "-" else _read_text(path)
+    lines = text.splitlines()
+    if not lines:
+        raise InputError(f"{'stdin' if path == '-' else path} has no lines to translate")
+    return lines
+
+
+def cmd_translate(args) -> dict:
+    from makemost_jax.decoding.attributes import parse_attribute
+    from makemost_jax.decoding.classifier import load_classifier
+    from makemost_jax.seq2seq.translate import score_translations, translate
+
+    lines = _read_lines(args.file)
+    references = _read_lines(args.references) if args.references else None
+    if references is not None and len(references) != len(lines):
+        raise InputError(f"{args.references} has {len(references)} lines but {args.file} has {len(lines)}; "
+                         "give one reference per source line")
+    params, tok, load_seconds = _load(args.model, args.dtype)
+    options = dict(search=args.search, beams=args.beams, max_new_tokens=args.max_new_tokens,
+                   length_penalty=args.length_penalty, weight=args.weight, prefilter=args.prefilter,
+                   node_budget=args.node_budget, batch_size=args.batch_size)
+    attribute = parse_attribute(args.attribute) if args.attribute else None
+    classifier = load_classifier(args.classifier, params) if args.classifier else None
+    t0 = time.perf_counter()
+    rows = translate(params, tok, lines, attribute=attribute, classifier=classifier, **options)
+    seconds = time.perf_counter() - t0
+    report = {"command": "translate", "model": args.model, "dtype": args.dtype, **options,
+              "attribute": args.attribute, "classifier": args.classifier, "translations": rows, "seconds": seconds,
+              "load_seconds": load_seconds}
+    if references is not None:
+        report["scores"] = score_translations([r["translation"] for r in rows], references)
+    if not args.json:
+        for row in rows:
+            print("(no translation found)" if row["translation"] is None else row["translation"])
+        if "scores" in report:
+            s = report["scores"]
+            print(f"BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}  length ratio {s['length_ratio']:.3f}", file=sys.stderr)
+        print(f"{len(rows)} lines in {seconds:.2f} s (compilation included), load {load_seconds:.2f} s",
+              file=sys.stderr)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `makemost` (exposed for docs and tests).
 
@@ -647,6 +691,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--length-candidates", type=int, default=1, help="top-n predicted lengths tried (default 1)")
     r.add_argument("--batch-size", type=int, default=32, help="sources per batch (default 32)")
     r.set_defaults(run=cmd_nar_translate)
+
+    p = sub.add_parser("translate", parents=[common],
+                       help="translate lines with an encoder-decoder (T5, BART, Marian) and any search")
+    p.add_argument("file", metavar="FILE", nargs="?", default="-", help="source lines (default '-': stdin)")
+    p.add_argument("--model", required=True, metavar="PATH", help="encoder-decoder checkpoint folder")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--search", choices=["greedy", "beam", "cbs", "exact", "length-modes"], default="beam",
+                   help="default beam")
+    p.add_argument("--beams", type=int, default=5, help="beam / cbs width (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="longest translation in tokens; the exact searches' max_length (default 128)")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="beam / cbs: 0 ranks by log p (default)")
+    p.add_argument("--attribute", default=None, help="beam / cbs: exact filter of finished outputs, e.g. min-length:5")
+    p.add_argument("--classifier", default=None, help="cbs: a head written by makemost cbs-train")
+    p.add_argument("--weight", type=float, default=1.0, help="cbs: weight of the head's term (default 1)")
+    p.add_argument("--prefilter", type=int, default=None, help="cbs: candidates per beam (default 4 x beams)")
+    p.add_argument("--node-budget", type=int, default=2000, help="exact searches: expansions per line (default 2000)")
+    p.add_argument("--batch-size", type=int, default=16, help="lines per batch (default 16)")
+    p.add_argument("--references", default=None, help="reference lines: also report BLEU and chrF (sacrebleu)")
+    p.set_defaults(run=cmd_translate)
 
     p = sub.add_parser("info", parents=[common], help="family, size, context, attention pattern and tokenizer")
     p.add_argument("model", metavar="MODEL", nargs="?", default="default", help=DEFAULT_MODEL_HELP)

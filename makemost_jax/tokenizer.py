@@ -154,6 +154,15 @@ class Tokenizer:
         ids = self.encode(text)
         return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
 
+    def encode_source(self, text: str) -> list[int]:
+        """Token ids of an encoder-decoder's source: the tokenizer's own template (`</s>` appended
+        for Marian and T5, `<s> ... </s>` for BART).
+
+        Example:
+            >>> # load_tokenizer("opus-mt-en-es").encode_source("Hello")[-1] == tok.eos_id
+        """
+        return self.encode(text, add_special_tokens=True)
+
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of each text (unpadded, in parallel).
 

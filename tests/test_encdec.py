@@ -181,6 +181,34 @@ def test_exact_modes_equal_brute_force_across_sources(tiny_marian):
     assert alone.tokens == modes[1].tokens and alone.loglik == pytest.approx(modes[1].loglik, abs=1e-5)
 
 
+def test_cbs_head_trained_on_sources_and_searched(tiny_marian):
+    """A CBS head is trained on the model's own samples of sources, and CBS with it returns only
+    hypotheses its attribute accepts (the same loop as plain beam search, with the head's term)."""
+    from makemost_jax.decoding import MinLength, conditional_beam_search, fit_classifier
+    from makemost_jax.training import TrainConfig
+
+    params = tiny_marian
+    sources = [list(np.random.RandomState(i).randint(1, 5, 3 + i % 4)) for i in range(12)]
+    head, report = fit_classifier(params, None, MinLength(2), sources=sources, eos_id=0, pad_id=5,
+                                  samples_per_prompt=8, max_new_tokens=4, mlp_width=8, held_out=0.25,
+                                  train_config=TrainConfig(steps=30, learning_rate=3e-3, progress=False),
+                                  progress=False)
+    assert 0 < report["positive_samples"] < 1  # both labels occur among the samples
+    out = conditional_beam_search(params, None, head, MinLength(2), sources=sources[:3], beams=3, max_new_tokens=4,
+                                  eos_id=0)
+    finished = np.asarray(out.finished)
+    assert finished[:, 0].all() and np.asarray(out.lengths)[finished].min() >= 2
+    # A finished hypothesis is scored by the model's own log-likelihood (EOS included when emitted), not the head's.
+    for b in range(3):
+        n = int(out.lengths[b, 0])
+        tokens = np.asarray(out.tokens[b, 0])
+        output = tokens[:n + 1] if n < 4 and tokens[n] == 0 else tokens[:n]
+        decoder_in = np.array([[5, *output[:-1]]]) if len(output) else np.array([[5]])
+        logp = mm.token_logprobs(mm.forward(params, decoder_in, encoder_tokens=np.array([sources[b]])).logits,
+                                 np.array([output]))
+        assert float(out.logprobs[b, 0]) == pytest.approx(float(logp.sum()), abs=1e-4)
+
+
 # ------------------------------------------------------------------------ sharding
 
 

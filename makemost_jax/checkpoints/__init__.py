@@ -1,4 +1,4 @@
-"""Checkpoint readers: Hugging Face directories / hub ids and Llama GGUF files.
+"""Checkpoint readers (Hugging Face directories / hub ids, GGUF files) and the Hugging Face export.
 
 Readers return raw tensors under Hugging Face PyTorch state-dict names as numpy arrays;
 the model code maps them to its own parameter tree.
@@ -21,6 +21,7 @@ from makemost_jax.checkpoints.hf import (
     read_hf_checkpoint,
     read_safetensors,
     resolve_model_dir,
+    save_hf,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "read_hf_checkpoint",
     "read_safetensors",
     "resolve_model_dir",
+    "save_hf",
 ]

@@ -370,3 +370,30 @@ def find_tokenizer_files(directory: str | os.PathLike) -> dict[str, Path]:
         "config.json",
     )
     return {n: directory / n for n in names if (directory / n).is_file()}
+
+
+def save_hf(params, folder: str | os.PathLike) -> Path:
+    """Write `params` as a Hugging Face folder (`config.json` + `model.safetensors`) that
+    `transformers` and `mm.load` read back to the same logits; returns the folder.
+
+    Export is implemented per family (`config_to_hf` / `weights_to_hf` in its module); for
+    now Marian (the models trained by `makemost_jax.seq2seq`), other families are refused.
+
+    Example:
+        >>> # save_hf(params, "runs/en-es")   # then transformers.MarianMTModel.from_pretrained("runs/en-es")
+    """
+    from safetensors.numpy import save_file
+
+    from makemost_jax.errors import ConfigError
+    from makemost_jax.models.registry import family_for
+
+    cfg = params.config
+    family = family_for(cfg.hf_model_type or cfg.family)
+    if not hasattr(family, "weights_to_hf"):
+        raise ConfigError(f"export to a Hugging Face folder is not implemented for {cfg.hf_model_type}; "
+                          "it is for marian models")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(family.config_to_hf(cfg), indent=2) + "\n")
+    save_file(family.weights_to_hf(cfg, params.weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

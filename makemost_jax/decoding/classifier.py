@@ -68,7 +68,7 @@ from makemost_jax.checkpoints.bundle import read_bundle_meta, restore_bundle, sa
 from makemost_jax.decoding.attributes import Attribute, parse_attribute
 from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.exact import exact_mode
-from makemost_jax.decoding.sampling import generate, generate_text, pad_prompts
+from makemost_jax.decoding.sampling import decoder_inputs, generate, generate_text
 from makemost_jax.errors import CheckpointError, ConfigError, InputError
 from makemost_jax.models.cache import init_cache, repeat_rows
 from makemost_jax.models.model import forward
@@ -280,12 +280,14 @@ class PrefixData:
 
 
 @functools.partial(jax.jit, static_argnames=("attribute", "hidden_layer", "eos_id"))
-def _label_and_hidden(params, prompt_UT, mask_UT, tokens_BN, lengths_B, *, attribute, hidden_layer, eos_id):
+def _label_and_hidden(params, prompt_UT, mask_UT, source_US, source_mask_US, tokens_BN, lengths_B, *, attribute,
+                      hidden_layer, eos_id):
     """Labels of whole samples (B,), of every prefix as an output (B, N: prefix t = the
     first t tokens), and the hidden state before each generated token (B, N, D).
 
-    Row b of the samples continues prompt b // (B / U): each prompt is run once, and
-    its cache is copied to its samples, which then run in one call.
+    Row b of the samples continues prompt b // (B / U) (of source b // (B / U) for an
+    encoder-decoder; None otherwise): each prompt is run once, and its cache (with its
+    encoded source) is copied to its samples, which then run in one call.
     """
     u, t = prompt_UT.shape
     b, n = tokens_BN.shape
@@ -296,7 +298,8 @@ def _label_and_hidden(params, prompt_UT, mask_UT, tokens_BN, lengths_B, *, attri
     prefix_labels_NB = jax.vmap(lambda t: attribute.accepts(prompt_BT, mask_BT, tokens_BN, jnp.full((b,), t)))(
         jnp.arange(n))
     cache = init_cache(params.config, u, t + n, params.dtype)
-    first = forward(params, prompt_UT, cache=cache, mask=mask_UT, return_hidden=True)
+    first = forward(params, prompt_UT, cache=cache, mask=mask_UT, return_hidden=True, encoder_tokens=source_US,
+                    encoder_mask=source_mask_US)
     cache = repeat_rows(first.cache, b // u)
     # Tokens after a row's EOS are padding at the end: they cannot affect earlier positions.
     rest = forward(params, tokens_BN, cache=cache, return_hidden=True)
@@ -305,12 +308,15 @@ def _label_and_hidden(params, prompt_UT, mask_UT, tokens_BN, lengths_B, *, attri
     return labels_B, prefix_labels_NB.T, hidden_BND
 
 
-def sample_prefix_data(params: Params, prompts: Sequence[Sequence[int]], attribute: Attribute, *, eos_id: int,
-                       pad_id: int | None = None, hidden_layer: int = -1, samples_per_prompt: int = 8,
+def sample_prefix_data(params: Params, prompts: Sequence[Sequence[int]] | None, attribute: Attribute, *,
+                       eos_id: int, pad_id: int | None = None, hidden_layer: int = -1, samples_per_prompt: int = 8,
                        max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       eos_rows: bool = True, batch_size: int = 64, seed: int = 0,
-                       progress: bool = True) -> PrefixData:
+                       eos_rows: bool = True, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                       sources: Sequence[Sequence[int]] | None = None) -> PrefixData:
     """Sample `samples_per_prompt` continuations of every prompt, label them, keep the hidden states.
+
+    An encoder-decoder samples outputs of each of its `sources` (token-id lists; `prompts`
+    None: each output starts from the decoder start token).
 
     Sampling runs through `sampling.generate`, max(1, batch_size // samples_per_prompt)
     prompts (all their samples) at a time, one compilation per prompt-length bucket.
@@ -329,7 +335,9 @@ def sample_prefix_data(params: Params, prompts: Sequence[Sequence[int]], attribu
         >>> # data = sample_prefix_data(params, [tok.encode_for_model(p) for p in texts], MinLength(8),
         >>> #                           eos_id=tok.eos_id, samples_per_prompt=16, max_new_tokens=24)
     """
-    prompts = [list(p) for p in prompts]
+    if prompts is None and sources is not None:
+        prompts = [[params.config.decoder_start_token_id]] * len(sources)
+    prompts = [list(p) for p in prompts or []]
     if not prompts or samples_per_prompt < 1:
         raise InputError(f"sample_prefix_data() got {len(prompts)} prompts and samples_per_prompt="
                          f"{samples_per_prompt}; give at least one prompt and one sample per prompt")
@@ -341,14 +349,21 @@ def sample_prefix_data(params: Params, prompts: Sequence[Sequence[int]], attribu
         chunk = prompts[start:start + group]
         real = len(chunk) * samples_per_prompt
         chunk = chunk + [chunk[0]] * (group - len(chunk))  # one batch shape: one compilation
-        prompt_UT, mask_UT = pad_prompts(chunk, pad_id)
+        chunk_sources = None
+        if sources is not None:
+            chunk_sources = list(sources[start:start + group])
+            chunk_sources += [chunk_sources[0]] * (group - len(chunk_sources))
+        inputs = decoder_inputs(params, chunk, sources=chunk_sources, pad_id=pad_id)
         repeat = functools.partial(np.repeat, repeats=samples_per_prompt, axis=0)
-        result = generate(params, repeat(prompt_UT), repeat(mask_UT), max_new_tokens=max_new_tokens,
-                          key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+        result = generate(params, repeat(inputs.prompts), repeat(inputs.prompt_mask),
+                          sources=None if sources is None else repeat(inputs.sources),
+                          source_mask=None if sources is None else repeat(inputs.source_mask),
+                          max_new_tokens=max_new_tokens, key=jax.random.fold_in(jax.random.key(seed), start),
+                          temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
         labels_B, prefix_labels_BN, hidden_BND = _label_and_hidden(
-            params, jnp.asarray(prompt_UT), jnp.asarray(mask_UT), result.tokens, result.lengths,
-            attribute=attribute, hidden_layer=hidden_layer, eos_id=eos_id)
+            params, *(None if x is None else jnp.asarray(x) for x in (inputs.prompts, inputs.prompt_mask,
+                                                                     inputs.sources, inputs.source_mask)),
+            result.tokens, result.lengths, attribute=attribute, hidden_layer=hidden_layer, eos_id=eos_id)
         lengths_B = np.asarray(result.lengths)[:real]
         tokens_BN = np.asarray(result.tokens)[:real]
         keep_BN = np.arange(max_new_tokens)[None] < lengths_B[:, None]
@@ -460,15 +475,17 @@ def train_classifier(classifier: AttributeClassifier, data: PrefixData, config: 
     return AttributeClassifier(head_config, state.params, table), history
 
 
-def fit_classifier(params: Params, prompts: Sequence[Sequence[int]], attribute: Attribute, *, eos_id: int,
+def fit_classifier(params: Params, prompts: Sequence[Sequence[int]] | None, attribute: Attribute, *, eos_id: int,
                    pad_id: int | None = None, hidden_layer: int = -1, mlp_width: int = 256,
                    max_steps: int | None = None, train_embeddings: bool = True,
                    samples_per_prompt: int = 8, max_new_tokens: int = 32,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_rows: bool = True,
                    held_out: float = 0.2,
                    train_config: training.TrainConfig | None = None, batch_size: int = 256, seed: int = 0,
-                   progress: bool = True) -> tuple[AttributeClassifier, dict]:
-    """Sample, label, train and evaluate a head for `attribute`: the whole pipeline.
+                   progress: bool = True, sources: Sequence[Sequence[int]] | None = None
+                   ) -> tuple[AttributeClassifier, dict]:
+    """Sample, label, train and evaluate a head for `attribute`: the whole pipeline (an
+    encoder-decoder samples outputs of its `sources`, see `sample_prefix_data`).
 
     `max_steps` defaults to `max_new_tokens`; `train_config` to 300 steps of AdamW at
     3e-4 (20 warm-up steps). Returns (classifier, report) where report
@@ -484,7 +501,7 @@ def fit_classifier(params: Params, prompts: Sequence[Sequence[int]], attribute: 
     data = sample_prefix_data(params, prompts, attribute, eos_id=eos_id, pad_id=pad_id, hidden_layer=hidden_layer,
                               samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_rows=eos_rows, seed=seed,
-                              progress=progress)
+                              progress=progress, sources=sources)
     taken = data.rows(data.taken)
     sample_labels = taken.labels[np.unique(taken.sample, return_index=True)[1]]
     if sample_labels.min() == sample_labels.max():

@@ -180,3 +180,28 @@ def drop_tied_copies(tensors: dict, original: str, copies: Iterable[str]) -> Non
             raise CheckpointError(f"tensor {name!r} differs from {original!r}, which this model ties it to; "
                                   "the checkpoint and its config.json do not match")
         tensors.pop(name, None)
+
+
+def disassemble(weights: dict, entries: Iterable[Entry], n_layers: int | Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The inverse of `assemble`: HF-named numpy tensors of a weights pytree (export).
+
+    Entries whose path the weights lack are skipped; stacked layers are split again.
+
+    Example:
+        >>> disassemble({"embed": {"tokens": np.ones((3, 2))}}, [("embed/tokens", "wte", False)], 1)["wte"].shape
+        (3, 2)
+    """
+    counts = {"": n_layers} if isinstance(n_layers, int) else dict(n_layers)
+    tensors = {}
+    for path, name, transpose in entries:
+        try:
+            array = np.asarray(jax.device_get(_lookup(weights, path)))
+        except KeyError:
+            continue
+        if "{i}" in name:
+            layers = counts[max((p for p in counts if path.startswith(p)), key=len)]
+            for i in range(layers):
+                tensors[name.format(i=i)] = np.ascontiguousarray(array[i].T if transpose else array[i])
+        else:
+            tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    return tensors

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+import math
+
 from makemost_jax.models import bart, mapping
 from makemost_jax.models.config import ModelConfig
 
 settle_config = bart.settle_config
+_HF_ACTIVATIONS = {"silu": "swish", "gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -51,3 +54,41 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
     return mapping.assemble(tensors, bart.entries(cfg, embed_norm=False, learned_positions=False),
                             mapping.expected_shapes(cfg), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers},
                             dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a Marian `ModelConfig` (what `transformers.MarianConfig` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "marian", "vocab_size": 40, "d_model": 16, "encoder_layers": 2,
+        ...   "decoder_layers": 1, "encoder_attention_heads": 4, "decoder_attention_heads": 2, "encoder_ffn_dim": 24,
+        ...   "decoder_ffn_dim": 20, "max_position_embeddings": 32, "pad_token_id": 39, "eos_token_id": 0,
+        ...   "decoder_start_token_id": 39, "scale_embedding": True})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    enc = cfg.encoder
+    return {
+        "model_type": "marian", "architectures": ["MarianMTModel"], "vocab_size": enc.vocab_size,
+        "decoder_vocab_size": cfg.vocab_size, "share_encoder_decoder_embeddings": cfg.share_embeddings,
+        "d_model": cfg.d_model, "encoder_layers": enc.n_layers, "decoder_layers": cfg.n_layers,
+        "encoder_attention_heads": enc.n_heads, "decoder_attention_heads": cfg.n_heads,
+        "encoder_ffn_dim": enc.d_ff, "decoder_ffn_dim": cfg.d_ff, "max_position_embeddings": cfg.max_positions,
+        "activation_function": _HF_ACTIVATIONS[cfg.mlp.activation],
+        "scale_embedding": math.isclose(cfg.embed.scale, math.sqrt(cfg.d_model)),
+        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
+        "forced_eos_token_id": cfg.eos_token_id, "decoder_start_token_id": cfg.decoder_start_token_id,
+        "tie_word_embeddings": cfg.head.tied, "is_encoder_decoder": True,
+    }
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named tensors of Marian weights (`final_logits_bias` as (1, V), no sinusoid tables).
+
+    Example:
+        >>> # save_file(weights_to_hf(params.config, params.weights), "model.safetensors")
+    """
+    tensors = mapping.disassemble(weights, bart.entries(cfg, embed_norm=False, learned_positions=False),
+                                  {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
+    tensors["final_logits_bias"] = tensors["final_logits_bias"].reshape(1, -1)
+    return tensors

@@ -174,9 +174,9 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
         >>> round(bleu(["the cat sat on the mat"], ["the cat sat on the mat"]), 1)
         100.0
     """
-    import sacrebleu
+    from makemost_jax.seq2seq.translate import score_translations
 
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+    return float(score_translations(hypotheses, references)["bleu"])
 
 
 def timed_decode(params: Seq2SeqParams, source_BS, source_mask_BS, decode: DecodeConfig = DEFAULT_DECODE,
