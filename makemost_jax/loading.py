@@ -99,6 +99,9 @@ def model_summary(params: Params) -> dict:
         "windows": sorted({k.window for k in cfg.layers if k.window is not None}),
         "attention_pattern": attention_pattern(cfg),
         "tie_embeddings": cfg.tie_embeddings, "causal": cfg.causal, "has_lm_head": cfg.has_lm_head,
+        "encoder_decoder": cfg.is_encoder_decoder,
+        "encoder_layers": None if cfg.encoder is None else cfg.encoder.n_layers,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
     }
 
 

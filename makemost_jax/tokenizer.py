@@ -5,6 +5,12 @@ GGUF metadata); `load_tokenizer(path_or_id)` reads a `.gguf` file, a Hugging Fac
 directory (`tokenizer.json`, else GPT-2 `vocab.json` + `merges.txt`, else BERT
 `vocab.txt`) or a hub id. `transformers` is never imported.
 
+SentencePiece folders without a `tokenizer.json` read through the `sentencepiece` package:
+Marian / OPUS-MT (`source.spm` for sources, `target.spm` for targets, piece -> id maps in
+`vocab.json`, and `target_vocab.json` for separate vocabularies; a leading `>>xx<<` language
+code stays one token; `</s>` appended to sources) and T5 (`spiece.model`, its ids, plus the
+`<extra_id_N>` sentinels). `encode` is the target side, `encode_source` the source side.
+
 GGUF tokenizers are rebuilt the way llama.cpp (and transformers' GGUF converter) read
 them: byte-level BPE for `tokenizer.ggml.model == "gpt2"`, with the pre-tokenizer named
 by `tokenizer.ggml.pre` (for "smollm": split every digit, then the GPT-2 regex, the same
@@ -90,11 +96,13 @@ class Tokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
         name: str = "",
+        source_backend=None,
     ):
         # Encoding must return every id: padding/truncation belong to the data pipeline.
         backend.no_padding()
         backend.no_truncation()
         self.backend = backend
+        self.source_backend = source_backend  # a seq2seq model's source side, when it has its own
         self._bos, self._eos, self._pad, self._unk = bos_id, eos_id, pad_id, unk_id
         self._add_bos = bool(add_bos)
         self.chat_template = chat_template
@@ -156,12 +164,14 @@ class Tokenizer:
 
     def encode_source(self, text: str) -> list[int]:
         """Token ids of an encoder-decoder's source: the tokenizer's own template (`</s>` appended
-        for Marian and T5, `<s> ... </s>` for BART).
+        for Marian and T5, `<s> ... </s>` for BART), with Marian's source SentencePiece model.
 
         Example:
             >>> # load_tokenizer("opus-mt-en-es").encode_source("Hello")[-1] == tok.eos_id
         """
-        return self.encode(text, add_special_tokens=True)
+        if not isinstance(text, str):
+            raise InputError(f"encode_source() takes a str, got {type(text).__name__}; pass the text itself")
+        return (self.source_backend or self.backend).encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of each text (unpadded, in parallel).
@@ -491,6 +501,9 @@ def _from_hf_dir(directory: Path) -> Tokenizer:
     def special(name: str) -> str | None:
         return _token_text(tok_config.get(name)) or _token_text(special_map.get(name))
 
+    sentencepiece = (directory / "source.spm").is_file() or (directory / "spiece.model").is_file()
+    if "tokenizer.json" not in files and sentencepiece:
+        return _from_sentencepiece_dir(directory, tok_config, special)
     if "tokenizer.json" in files:
         try:
             backend = _Backend.from_file(str(files["tokenizer.json"]))
@@ -510,8 +523,8 @@ def _from_hf_dir(directory: Path) -> Tokenizer:
             tok_config.setdefault(name, special(name) or text)
     else:
         raise ModelNotFoundError(
-            f"{directory} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or vocab.txt); "
-            "pass a folder that has them or a .gguf file"
+            f"{directory} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, vocab.txt, Marian's "
+            "source.spm + target.spm + vocab.json, or T5's spiece.model); pass a folder that has them or a .gguf file"
         )
 
     def special_id(name: str) -> int | None:
@@ -540,6 +553,105 @@ def _from_hf_dir(directory: Path) -> Tokenizer:
         chat_template=template if isinstance(template, str) else None,
         name=str(directory),
     )
+
+
+class _Ids:
+    """What `tokenizers` returns from encode, as far as `Tokenizer` reads it."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+
+class _SentencePieceBackend:
+    """The part of a `tokenizers.Tokenizer` that `Tokenizer` uses, over a SentencePiece model.
+
+    `vocab` maps pieces to ids (Marian: its `vocab.json`; a piece missing there is `<unk>`);
+    None uses the model's own ids (T5), with `extra` sentinel tokens after them. `specials`
+    never reach SentencePiece: skipped on decode, and `eos` is appended by the template.
+    """
+
+    def __init__(self, model_path: Path, vocab: dict[str, int] | None, specials: Sequence[str], eos: str,
+                 unk: str = "<unk>", extra: int = 0, language_codes: bool = False):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ConfigError(f"{model_path} is a SentencePiece model: pip install sentencepiece") from e
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{model_path}: not a readable SentencePiece model ({e})") from e
+        if vocab is None:
+            size = self.sp.get_piece_size()
+            vocab = {self.sp.id_to_piece(i): i for i in range(size)}
+            vocab.update({f"<extra_id_{n}>": size + extra - 1 - n for n in range(extra)})
+        self.vocab = dict(vocab)
+        self.pieces = {i: p for p, i in self.vocab.items()}
+        self.specials = {p for p in specials if p in self.vocab}
+        self.eos, self.unk = eos, unk
+        self.language_codes = language_codes
+
+    def no_padding(self):
+        pass
+
+    def no_truncation(self):
+        pass
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return max(self.vocab.values()) + 1
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.pieces.get(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Ids:
+        code = []
+        if self.language_codes and text.startswith(">>") and (end := text.find("<<")) != -1:
+            code, text = [text[:end + 2]], text[end + 2:]  # Marian's target-language token, never split
+        pieces = code + self.sp.encode(text, out_type=str)
+        ids = [self.vocab.get(p, self.vocab[self.unk]) for p in pieces]
+        return _Ids(ids + [self.vocab[self.eos]] if add_special_tokens else ids)
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[_Ids]:
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """SentencePiece's text of the pieces; kept special tokens are spelled between them (as transformers)."""
+        out, run = [], []
+        for token_id in ids:
+            piece = self.pieces.get(int(token_id), self.unk)
+            if piece not in self.specials:
+                run.append(piece)
+            elif not skip_special_tokens:
+                out += [self.sp.decode_pieces(run), piece] if run else [piece]
+                run = []
+        if run:
+            out.append(self.sp.decode_pieces(run))
+        return " ".join(out)
+
+
+def _from_sentencepiece_dir(directory: Path, tok_config: dict, special) -> Tokenizer:
+    """A Marian (source.spm / target.spm / vocab.json) or T5 (spiece.model) folder."""
+    names = {name: special(name) for name in ("eos_token", "unk_token", "pad_token")}
+    defaults = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    eos, unk, pad = (names[n] or defaults[n] for n in ("eos_token", "unk_token", "pad_token"))
+    specials = [eos, unk, pad]
+    if (directory / "source.spm").is_file():
+        vocab = _read_json(directory / "vocab.json")
+        separate = bool(tok_config.get("separate_vocabs")) and (directory / "target_vocab.json").is_file()
+        target_vocab = _read_json(directory / "target_vocab.json") if separate else vocab
+        if unk not in vocab:
+            raise CheckpointError(f"{directory / 'vocab.json'} has no {unk!r} entry; it is not a Marian vocabulary")
+        source = _SentencePieceBackend(directory / "source.spm", vocab, specials, eos, unk, language_codes=True)
+        backend = _SentencePieceBackend(directory / "target.spm", target_vocab, specials, eos, unk,
+                                        language_codes=not separate)
+    else:
+        extra = int(tok_config.get("extra_ids", 100))
+        backend = _SentencePieceBackend(directory / "spiece.model", None, specials, eos, unk, extra=extra)
+        source = None
+    return Tokenizer(backend, eos_id=backend.token_to_id(eos), pad_id=backend.token_to_id(pad),
+                     unk_id=backend.token_to_id(unk), name=str(directory), source_backend=source)
 
 
 def _is_gguf_file(path: Path) -> bool:

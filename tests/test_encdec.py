@@ -19,6 +19,7 @@ inputs give one clear error.
 from __future__ import annotations
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -257,3 +258,15 @@ def test_a_tied_copy_that_differs_is_named(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="encoder.embed_tokens.weight"):
         mm.load(str(folder))
+
+
+def test_info_describes_both_stacks(tmp_path, capsys):
+    from makemost_jax.cli import main
+
+    folder = make("bart", tmp_path / "bart")
+    assert main(["info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["encoder_decoder"] is True and (info["encoder_layers"], info["n_layers"]) == (3, 2)
+    assert info["family"] == "bart" and info["decoder_start_token_id"] == 2
+    # Every weight once (the shared table once, not per stack); HF's final_logits_bias is a buffer.
+    assert info["n_params"] == sum(p.numel() for p in hf_model(folder).parameters()) + 61

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from makemost_jax.checkpoints import default_gguf_path
 from makemost_jax.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError
 from makemost_jax.tokenizer import Tokenizer, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2-tokenizer"
@@ -276,3 +279,72 @@ def test_wrapper_is_public():
 
     tok = Tokenizer(Backend(WordLevel({"a": 0, "b": 1}, unk_token="a")), eos_id=1)
     assert tok.decode([0, 1]) == "a b" and tok.eos_id == 1 and tok.bos_id is None and tok.add_bos is False
+
+
+# ------------------------------------------------------------------------ SentencePiece folders (Marian, T5)
+
+
+def _sentencepiece(prefix: Path, lines: list[str], **ids):
+    import sentencepiece
+
+    text = prefix.with_suffix(".txt")
+    text.write_text("\n".join(lines), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=300,
+                                             model_type="unigram", bos_id=-1, minloglevel=2, **ids)
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="module")
+def bible():
+    rows = [json.loads(line) for line in (REPO / "makemost_jax/assets/bible_en_es_valid.jsonl").open()]
+    tests = [json.loads(line) for line in (REPO / "makemost_jax/assets/bible_en_es_test.jsonl").open()][:40]
+    return rows, tests
+
+
+def test_marian_sentencepiece_folder_matches_transformers(tmp_path, bible):
+    transformers = pytest.importorskip("transformers")
+    """OPUS-MT's layout: source.spm / target.spm and a joint vocab.json; ids and text as MarianTokenizer's."""
+    rows, tests = bible
+    folder = tmp_path / "marian"
+    folder.mkdir()
+    models = {side: _sentencepiece(tmp_path / side, [r[key] for r in rows], eos_id=0, unk_id=1, pad_id=-1)
+              for side, key in (("source", "en"), ("target", "es"))}
+    import sentencepiece
+
+    vocab = {"</s>": 0, "<unk>": 1}  # Marian's joint vocabulary: both models' pieces, then the extras
+    for side, model in models.items():
+        model.rename(folder / f"{side}.spm")
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{side}.spm"))
+        for i in range(sp.get_piece_size()):
+            vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    vocab[">>es<<"] = len(vocab)
+    vocab["<pad>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"source_lang": "en", "target_lang": "es"}))
+    ours = load_tokenizer(str(folder))
+    reference = transformers.MarianTokenizer.from_pretrained(folder)
+    assert (ours.eos_id, ours.unk_id, ours.pad_id, ours.vocab_size) == (0, 1, len(vocab) - 1, len(vocab))
+    for row in tests:
+        assert ours.encode_source(row["en"]) == reference(row["en"]).input_ids
+        target = reference(text_target=row["es"]).input_ids
+        assert ours.encode(row["es"]) == target[:-1] and target[-1] == ours.eos_id
+        assert ours.decode(target) == reference.decode(target, skip_special_tokens=True)
+    coded = ">>es<< " + tests[0]["en"]
+    assert ours.encode_source(coded) == reference(coded).input_ids and ours.encode_source(coded)[0] == vocab[">>es<<"]
+
+
+def test_t5_sentencepiece_folder_matches_transformers(tmp_path, bible):
+    transformers = pytest.importorskip("transformers")
+    rows, tests = bible
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    model = _sentencepiece(tmp_path / "spiece", [r["en"] for r in rows], pad_id=0, eos_id=1, unk_id=2)
+    model.rename(folder / "spiece.model")
+    ours = load_tokenizer(str(folder))
+    reference = transformers.T5Tokenizer.from_pretrained(folder)
+    assert ours.vocab_size == len(reference) == 400 and (ours.pad_id, ours.eos_id, ours.unk_id) == (0, 1, 2)
+    assert ours.token_to_id("<extra_id_0>") == reference.convert_tokens_to_ids("<extra_id_0>") == 399
+    for row in tests:
+        ids = reference(row["en"]).input_ids
+        assert ours.encode_source(row["en"]) == ids
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
