@@ -17,9 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import math
+
+import jax.numpy as jnp
 
 from makemost_jax.models import bart, mapping
 from makemost_jax.models.config import ModelConfig
