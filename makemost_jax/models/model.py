@@ -242,18 +242,7 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache):
 
     Value checks run only on concrete arrays (outside `jit`); shape checks always.
     """
-    if tokens_BT.ndim != 2:
-        raise InputError(f"tokens must be a (batch, length) array of token ids, got shape "
-                         f"{tokens_BT.shape}; wrap a single sequence as tokens[None]")
-    if tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
-        raise InputError(f"tokens has an empty dimension {tokens_BT.shape}; pass at least one token")
-    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise InputError(f"tokens must be integer token ids, got dtype {tokens_BT.dtype}")
-    if _concrete(tokens_BT):
-        low, high = int(tokens_BT.min()), int(tokens_BT.max())
-        if low < 0 or high >= cfg.vocab_size:
-            raise InputError(f"token id {high if high >= cfg.vocab_size else low} is outside the "
-                             f"vocabulary [0, {cfg.vocab_size}); was the text tokenized for this model?")
+    _check_tokens(tokens_BT, cfg.vocab_size, "tokens")
     if cache is not None:
         if cache.batch != tokens_BT.shape[0]:
             raise InputError(f"cache has batch {cache.batch} but tokens have batch {tokens_BT.shape[0]}")
@@ -290,15 +279,20 @@ def _check_positions(cfg: ModelConfig, positions_BT, what: str = "the input"):
 
 
 def _check_tokens(tokens_BT, vocab_size: int, what: str):
-    if tokens_BT.ndim != 2 or 0 in tokens_BT.shape or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise InputError(f"{what} must be a non-empty (batch, length) array of token ids, got shape "
-                         f"{tokens_BT.shape} and dtype {tokens_BT.dtype}")
+    """Raise `InputError` for token arrays that would silently go wrong (values only when concrete)."""
+    if tokens_BT.ndim != 2:
+        raise InputError(f"{what} must be a (batch, length) array of token ids, got shape "
+                         f"{tokens_BT.shape}; wrap a single sequence as x[None]")
+    if tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
+        raise InputError(f"{what} has an empty dimension {tokens_BT.shape}; pass at least one token")
+    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+        raise InputError(f"{what} must be integer token ids, got dtype {tokens_BT.dtype}")
     if _concrete(tokens_BT):  # numpy: a constant inside a jitted function must not be traced
         values = np.asarray(tokens_BT)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= vocab_size:
-            raise InputError(f"{what} has token id {high if high >= vocab_size else low} outside the "
-                             f"vocabulary [0, {vocab_size}); was it tokenized for this model?")
+            raise InputError(f"{what}: token id {high if high >= vocab_size else low} is outside the "
+                             f"vocabulary [0, {vocab_size}); was the text tokenized for this model?")
 
 
 def encode(params: Params, encoder_tokens, encoder_mask=None) -> jax.Array:
