@@ -101,8 +101,8 @@ def _prefill(params: Params, inputs: DecoderInputs, size: int, layer: int | None
         return (*prefill(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask), None)
     cache = init_cache(params.config, inputs.prompts.shape[0], size, params.dtype)
     out = forward(params, inputs.prompts, cache=cache, mask=inputs.prompt_mask, return_hidden=True,
-                  encoder_tokens=inputs.sources, encoder_mask=inputs.source_mask)
-    return out.cache, out.logits[:, -1], out.hidden[layer][:, -1]
+                  encoder_tokens=inputs.sources, encoder_mask=inputs.source_mask, logits_at=-1)
+    return out.cache, out.logits[:, 0], out.hidden[layer][:, -1]
 
 
 def _step(params: Params, cache: KVCache, tokens_R, layer: int | None):

@@ -299,10 +299,10 @@ def _label_and_hidden(params, prompt_UT, mask_UT, source_US, source_mask_US, tok
         jnp.arange(n))
     cache = init_cache(params.config, u, t + n, params.dtype)
     first = forward(params, prompt_UT, cache=cache, mask=mask_UT, return_hidden=True, encoder_tokens=source_US,
-                    encoder_mask=source_mask_US)
+                    encoder_mask=source_mask_US, logits_at=-1)  # only the hidden states are read
     cache = repeat_rows(first.cache, b // u)
     # Tokens after a row's EOS are padding at the end: they cannot affect earlier positions.
-    rest = forward(params, tokens_BN, cache=cache, return_hidden=True)
+    rest = forward(params, tokens_BN, cache=cache, return_hidden=True, logits_at=-1)
     hidden_BND = jnp.concatenate([repeat(first.hidden[hidden_layer][:, -1:]), rest.hidden[hidden_layer][:, :-1]],
                                  axis=1)
     return labels_B, prefix_labels_NB.T, hidden_BND

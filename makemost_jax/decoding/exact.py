@@ -126,8 +126,8 @@ def _expand(params: Params, cache: KVCache, root_logits_QV, rows_E, prefix_EW, l
     """
     w = prefix_EW.shape[1]
     mask_EW = jnp.arange(w)[None] < lengths_E[:, None]
-    logits_EWV = forward(params, prefix_EW, cache=gather_rows(cache, rows_E), mask=mask_EW).logits
-    last_EV = jnp.take_along_axis(logits_EWV, jnp.maximum(lengths_E - 1, 0)[:, None, None], axis=1)[:, 0]
+    last_EV = forward(params, prefix_EW, cache=gather_rows(cache, rows_E), mask=mask_EW,
+                      logits_at=jnp.maximum(lengths_E - 1, 0)).logits[:, 0]
     # The empty prefix's distribution is the prompt's own last logits.
     logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_QV[rows_E], last_EV), axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])

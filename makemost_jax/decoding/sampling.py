@@ -194,8 +194,8 @@ def prefill(params: Params, prompts_BT, mask_BT, cache_size: int, sources_BS=Non
     b = prompts_BT.shape[0]
     cache = init_cache(params.config, b, cache_size, params.dtype)
     out = forward(params, prompts_BT, cache=cache, mask=mask_BT, encoder_tokens=sources_BS,
-                  encoder_mask=source_mask_BS)
-    return out.cache, out.logits[:, -1]
+                  encoder_mask=source_mask_BS, logits_at=-1)
+    return out.cache, out.logits[:, 0]
 
 
 def decode_step(params: Params, cache: KVCache, tokens_B) -> tuple[KVCache, jax.Array]:

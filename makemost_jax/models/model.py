@@ -201,6 +201,17 @@ def sinusoidal_table(n_positions: int, width: int) -> np.ndarray:
     return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1).astype(np.float32)
 
 
+def final_states(cfg: ModelConfig, weights: dict, x_BTD):
+    """The states the output projection reads: after the final norm where the head has one.
+
+    Example:
+        >>> # final_BTD = final_states(cfg, weights, x_BTD)
+    """
+    if cfg.head.kind == "lm" and cfg.head.final_norm:
+        return norm(cfg, weights["final_norm"], x_BTD)
+    return x_BTD
+
+
 def head(cfg: ModelConfig, weights: dict, x_BTD):
     """The output layer; returns (float32 logits or None, final states).
 
@@ -217,8 +228,7 @@ def head(cfg: ModelConfig, weights: dict, x_BTD):
         logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"],
                             preferred_element_type=wide) + m["bias"]
         return logits, x_BTD
-    if h.final_norm:
-        x_BTD = norm(cfg, weights["final_norm"], x_BTD)
+    x_BTD = final_states(cfg, weights, x_BTD)
     y = x_BTD @ weights["project_out"]["kernel"] if cfg.embed.project_dim else x_BTD
     if h.input_scale != 1.0:  # T5's tied head
         y = y * jnp.asarray(h.input_scale, y.dtype)
@@ -368,7 +378,7 @@ def _resolve_source(params: Params, cache, source, encoder_tokens, encoder_mask)
 
 def forward(params: Params, tokens, cache: KVCache | None = None, positions=None, mask=None,
             token_types=None, return_hidden: bool = False, extra_kv=None, encoder_tokens=None,
-            encoder_mask=None, source: EncodedSource | None = None) -> ModelOutput:
+            encoder_mask=None, source: EncodedSource | None = None, logits_at=None) -> ModelOutput:
     """Run the model on `tokens` (B, T); a pure function of its arguments.
 
     Decoders write the new tokens' keys/values into `cache` at slots fill, fill+1, ...
@@ -386,6 +396,11 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     were prepended to the cache: `(1 - gate) * plain + gate * joint` (`layers.attention`).
     Gates of 0 leave the model exactly unchanged; the recurrence memory
     (`makemost_jax.recurrence`) enters this way, with gates that start at 0.
+
+    `logits_at`, optional, computes the output layer only where it is needed: an index
+    into T per row (B,) or one for all rows (e.g. -1, the last), giving logits (B, 1, V).
+    The vocabulary projection is the largest matmul of small models; a search that reads
+    one position should not pay for T.
 
     Encoder-decoders: `tokens` are the decoder's. The source is given once, as
     `encoder_tokens` (B, S) with `encoder_mask` (right-padded), or as an `EncodedSource`
@@ -458,7 +473,12 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, return_hidden=return_hidden,
                                          extra_kv=extra_kv, source_kv=source_kv)
         new_cache = None
-    logits, final_BTD = head(cfg, weights, x_BTD)
+    if logits_at is None:
+        logits, final_BTD = head(cfg, weights, x_BTD)
+    else:
+        at_B = jnp.broadcast_to(jnp.asarray(logits_at, jnp.int32) % x_BTD.shape[1], (b,))
+        logits, _ = head(cfg, weights, jnp.take_along_axis(x_BTD, at_B[:, None, None], axis=1))
+        final_BTD = final_states(cfg, weights, x_BTD) if return_hidden else None
     if logits is not None:
         logits = constrain(logits, ("batch", "length", "vocab"))
     if return_hidden:
