@@ -101,6 +101,20 @@ def test_incremental_decoding_equals_full_forward(hf, family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logits_at_selected_positions_equal_the_full_logits(hf, family):
+    """`logits_at` computes the head only where asked; the numbers are the full forward's there."""
+    params = mm.load(str(getattr(hf, family)()))
+    full = mm.forward(params, TOKENS, return_hidden=True)
+    at = np.array([16, 3, 9])
+    picked = mm.forward(params, TOKENS, logits_at=at, return_hidden=True)
+    assert picked.logits.shape == (3, 1, full.logits.shape[-1])
+    np.testing.assert_allclose(picked.logits[:, 0], full.logits[np.arange(3), at], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(picked.hidden, full.hidden, atol=0, rtol=0)
+    last = mm.forward(params, TOKENS, logits_at=-1).logits
+    np.testing.assert_allclose(last[:, 0], full.logits[:, -1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_left_padded_batch_equals_unpadded_rows(hf, family):
     params = mm.load(str(getattr(hf, family)()))
     rows = [TOKENS[0, :5], TOKENS[1, :17], TOKENS[2, :11]]
