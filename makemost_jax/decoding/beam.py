@@ -117,8 +117,9 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
     """Each beam's keys/values from slot `start` on become those of its parent beam (same prompt).
 
     The slots before `start` hold the prompt, the same for every beam of a prompt: moving
-    them would only cost memory traffic (the gather is a large part of a step on CPU). So
-    are the slots' positions and an encoder-decoder's source: they are never gathered.
+    them would only cost memory traffic (the gather is a large part of a step on CPU). The
+    slots' positions and an encoder-decoder's source are the same for every beam of a
+    prompt as well: they are never gathered.
     """
     b, k = parent_BK.shape
     if mode == "take":
