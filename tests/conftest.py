@@ -21,6 +21,7 @@ or with the fixtures: `def test_x(hf): folder = hf.llama("m", num_key_value_head
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import types
@@ -60,12 +61,17 @@ def _write_tokenizer(folder: Path, vocab_size: int):
 
     from makemost_jax.assets import read_sample
 
+    lines = read_sample("austen").splitlines()
+    # The trainer's own alphabet limit breaks ties between equally frequent characters in hash
+    # order, which differs between processes: choose the alphabet here, ties by character.
+    counts = collections.Counter(ch for line in lines for ch in line.replace(" ", "\u2581"))
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:min(60, vocab_size // 2)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                  limit_alphabet=min(60, vocab_size // 2), show_progress=False)
-    tok.train_from_iterator(read_sample("austen").splitlines(), trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), initial_alphabet=alphabet,
+                                  limit_alphabet=len(alphabet), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[0],
                             unk_token=SPECIALS[1]).save_pretrained(folder)
 
