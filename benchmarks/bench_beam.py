@@ -89,7 +89,7 @@ VARIANTS = {
     "gpt2-small-cpu": Variant("gpt2-small-cpu", {}, batch=1, beams=4, new_tokens=32),
     "tiny": Variant("tiny", {"n_layer": 2, "n_embd": 128, "n_head": 2}, batch=2, beams=4, new_tokens=16),
     # Helsinki-NLP/opus-mt-* (MarianMTModel): 6 + 6 layers, width 512, 8 heads, 65,001 tokens.
-    "opus-mt": Variant("opus-mt", {}, batch=8, beams=5, new_tokens=32, torch_threads=(1,), family="marian"),
+    "opus-mt": Variant("opus-mt", {}, batch=8, beams=5, new_tokens=32, family="marian"),
     "opus-mt-tiny": Variant("opus-mt-tiny", {"encoder_layers": 1, "decoder_layers": 1, "d_model": 64,
                                              "vocab_size": 1001, "pad_token_id": 1000,
                                              "decoder_start_token_id": 1000},

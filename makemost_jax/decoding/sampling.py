@@ -62,20 +62,30 @@ def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int = 0,
         >>> tokens.tolist(), mask.tolist()
         ([[0, 0, 5, 6], [0, 0, 0, 7]], [[0, 0, 1, 1], [0, 0, 0, 1]])
     """
-    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
-        array = np.asarray(prompts)
-        keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask, bool)
-        rows = [list(r[k]) for r, k in zip(array, keep)]
-    else:
-        rows = [list(r) for r in prompts]
+    rows = _token_rows(prompts, mask)
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("every prompt needs at least one token; got an empty prompt")
+    return _pad_rows(rows, pad_id, bucket, left=True)
+
+
+def _token_rows(batch, mask) -> list[list[int]]:
+    """Token lists of a batch given as lists, or as a 2-D array with an optional mask of real tokens."""
+    if isinstance(batch, (np.ndarray, jax.Array)) and np.ndim(batch) == 2:
+        array = np.asarray(batch)
+        keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask, bool)
+        return [list(r[k]) for r, k in zip(array, keep)]
+    return [list(r) for r in batch]
+
+
+def _pad_rows(rows: list[list[int]], pad_id: int, bucket: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of `rows` padded on one side to a multiple of `bucket`."""
     length = -(-max(len(r) for r in rows) // bucket) * bucket
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask_out = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
-        tokens[i, length - len(r):] = r
-        mask_out[i, length - len(r):] = 1
+        span = slice(length - len(r), length) if left else slice(0, len(r))
+        tokens[i, span] = r
+        mask_out[i, span] = 1
     return tokens, mask_out
 
 
@@ -87,24 +97,13 @@ def pad_sources(sources, pad_id: int = 0, bucket: int = PROMPT_BUCKET, mask=None
         >>> tokens.tolist(), mask.tolist()
         ([[5, 6, 0, 0], [7, 0, 0, 0]], [[1, 1, 0, 0], [1, 0, 0, 0]])
     """
-    if isinstance(sources, (np.ndarray, jax.Array)) and np.ndim(sources) == 2:
-        array = np.asarray(sources)
-        keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask, bool)
-        rows = [list(r[k]) for r, k in zip(array, keep)]
-    else:
-        rows = [list(r) for r in sources]
+    rows = _token_rows(sources, mask)
     if not rows:
         raise InputError("sources is empty; give at least one source")
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise InputError(f"source {empty[0] + 1} is empty; remove empty source lines")
-    length = -(-max(len(r) for r in rows) // bucket) * bucket
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    mask_out = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-        mask_out[i, :len(r)] = 1
-    return tokens, mask_out
+    return _pad_rows(rows, pad_id, bucket, left=False)
 
 
 @jax.tree_util.register_dataclass
