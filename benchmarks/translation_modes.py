@@ -210,8 +210,8 @@ def report(payload: dict) -> list[dict]:
     return [report_row(area, f"BLEU: copy / greedy / beam 5 / exact mode, Bible en-es, {n} verses",
                        f"{r['copy the source']['bleu']:.1f} / {r['greedy']['bleu']:.1f} / {r['beam 5']['bleu']:.1f} / "
                        f"{exact['bleu']:.1f}"),
-            report_row(area, f"exact mode is the empty translation (of proved), {n} verses",
-                       f"{exact['empty_among_proved']:.0%} (proved {exact['proved']:.0%} at "
+            report_row(area, f"exact mode is the empty translation: of modes found / of modes proved, {n} verses",
+                       f"{exact['empty']:.0%} / {exact['empty_among_proved']:.0%} (proved {exact['proved']:.0%} at "
                        f"{payload['node_budget']} nodes)"),
             report_row(area, "BLEU of the exact mode at the reference length / at the beam-5 length",
                        f"{r['exact mode at reference length']['bleu']:.1f} / "
