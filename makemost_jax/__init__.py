@@ -7,6 +7,7 @@ Example:
     >>> out = mm.forward(params, [tok.encode("Hello")])  # doctest: +SKIP
 """
 
+from makemost_jax.checkpoints.export import save_hf, save_orbax
 from makemost_jax.decoding import GenerationResult, generate
 from makemost_jax.loading import load, load_tokenizer
 from makemost_jax.models import (EncodedSource, KVCache, ModelConfig, ModelOutput, Params, encode, encode_source,
@@ -14,4 +15,4 @@ from makemost_jax.models import (EncodedSource, KVCache, ModelConfig, ModelOutpu
 
 __all__ = ["EncodedSource", "GenerationResult", "KVCache", "ModelConfig", "ModelOutput", "Params", "encode",
            "encode_source", "forward", "from_hf_config", "generate", "init_cache", "init_params", "load",
-           "load_tokenizer", "token_logprobs"]
+           "load_tokenizer", "save_hf", "save_orbax", "token_logprobs"]

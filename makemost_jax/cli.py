@@ -1,4 +1,4 @@
-"""The `makemost` command: demo, ppl, generate, cbs-train, mode, hso, fewshot, recurrence, report, info.
+"""The `makemost` command: demo, ppl, generate, cbs-train, mode, hso, fewshot, recurrence, report, info, convert.
 
 MODEL is a Hugging Face checkpoint folder, a .gguf file, a hub id (with a network), or
 "default" / "-" for the embedded SmolLM2-135M-Instruct. Every command prints a
@@ -9,6 +9,7 @@ Example:
     $ makemost ppl default book.txt --context 512 --stride 256 --json
     {"command": "ppl", "model": "default", "ppl": 14.2, ...}
     $ makemost generate default "The capital of France is" --max-new-tokens 8
+    $ makemost convert default --to hf smollm2-hf --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
+from pathlib import Path
 
 from makemost_jax.errors import InputError, MakemostError
 
@@ -303,6 +306,56 @@ def cmd_info(args) -> dict:
     if not args.json:
         _print_table(f"model {args.model}", {**summary, "load seconds": load_seconds})
     return {"command": "info", "model": args.model, **summary, "load_seconds": load_seconds}
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_size(text: str) -> int:
+    """Bytes of a size such as "2GB" (10**9 bytes, as Hugging Face counts), "512MiB" or "1000000"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS or int(float(match.group(1)) * _SIZE_UNITS[unit]) < 1:
+        raise InputError(f"--max-shard-size {text!r} is not a size; write it like 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def cmd_convert(args) -> dict:
+    import jax
+
+    from makemost_jax.checkpoints.export import DEFAULT_MAX_SHARD_BYTES, save_hf, save_orbax
+
+    if args.to == "orbax" and args.max_shard_size is not None:
+        raise InputError("--max-shard-size applies to --to hf; an Orbax checkpoint has no shard files to size")
+    max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else _parse_size(args.max_shard_size)
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{args.out!r} is a file; give a folder to write the converted model in")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{args.out!r} exists and is not empty; choose a new folder or pass --overwrite")
+    params, _, load_seconds = _load(args.source, args.dtype, tokenizer=False)
+    t0 = time.perf_counter()
+    if args.to == "hf":
+        save_hf(params, out, max_shard_bytes)
+    else:
+        save_orbax(params, out)
+    seconds = time.perf_counter() - t0
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    report = {"command": "convert", "source": args.source, "to": args.to, "out": str(out),
+              "model_type": params.config.hf_model_type, "dtype": str(params.dtype),
+              "n_params": sum(int(x.size) for x in jax.tree.leaves(params.weights)),
+              "files": [str(p.relative_to(out)) for p in files], "bytes": sum(p.stat().st_size for p in files),
+              "seconds": seconds, "load_seconds": load_seconds}
+    if not args.json:
+        shown = report["files"] if args.to == "hf" else [f"{len(files)} files (Orbax)"]
+        _print_table(f"{args.source} as {'a Hugging Face folder' if args.to == 'hf' else 'an Orbax checkpoint'} "
+                     f"in {out}", {
+                         "model type": report["model_type"], "parameters": f"{report['n_params']:,}",
+                         "dtype": report["dtype"], "files": ", ".join(shown),
+                         "size": f"{report['bytes'] / 1e6:.1f} MB",
+                         "seconds": f"{seconds:.2f} (load {load_seconds:.2f})"})
+    return report
 
 
 def cmd_report(args) -> dict:
@@ -711,6 +764,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="lines per batch (default 16)")
     p.add_argument("--references", default=None, help="reference lines: also report BLEU and chrF (sacrebleu)")
     p.set_defaults(run=cmd_translate)
+
+    p = sub.add_parser("convert", parents=[common],
+                       help="write a model as a Hugging Face folder (sharded safetensors) or an Orbax checkpoint")
+    p.add_argument("source", metavar="SOURCE", help=DEFAULT_MODEL_HELP)
+    p.add_argument("--to", required=True, choices=["hf", "orbax"], help="output format")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter dtype (default: the checkpoint's own)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="--to hf: largest weight file, e.g. 2GB or 500MiB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT that is not empty")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", parents=[common], help="family, size, context, attention pattern and tokenizer")
     p.add_argument("model", metavar="MODEL", nargs="?", default="default", help=DEFAULT_MODEL_HELP)

@@ -1,7 +1,8 @@
 """`load` and `load_tokenizer`: one entry point for every checkpoint source.
 
 Sources: None (the embedded SmolLM2-135M-Instruct GGUF), a `.gguf` file, a Hugging
-Face checkpoint directory, or a hub id (only where a hub is reachable).
+Face checkpoint directory, an Orbax params folder (`mm.save_orbax`), or a hub id (only
+where a hub is reachable).
 
 Example:
     >>> import makemost_jax as mm
@@ -52,17 +53,34 @@ def read_checkpoint(source: str | None) -> tuple[dict, dict]:
     return read_hf_checkpoint(os.fspath(source))
 
 
-def load(source: str | None = None, dtype="float32") -> Params:
+def load(source: str | None = None, dtype=None, mesh=None, rules=None) -> Params:
     """Load a model's parameters (weights + config) from any supported source.
 
-    Raises `ModelNotFoundError` for an unknown name or path and `CheckpointError`
-    naming the tensor for a corrupted or mismatched checkpoint.
+    Weights stream from the files straight into place: with a `mesh`, each parameter is
+    created in the sharding the logical-axis `rules` give it (`sharding.DEFAULT_RULES`),
+    and each device's slice is read from the checkpoint files on its own, in the
+    checkpoint's dtype, then cast; in a multi-process job each process reads
+    only the slices of its own devices. Without a mesh the same path fills one device.
+    `dtype` None keeps the checkpoint's dtype (bf16 stays bf16; a quantised GGUF is
+    dequantised to float32); "float32", "bfloat16" or "float16" ask for one.
+
+    Raises `ModelNotFoundError` for an unknown name or path, `CheckpointError` naming the
+    file or tensor for a missing shard, a corrupted or mismatched checkpoint, and
+    `ConfigError` for a mesh that would split an attention head; all before any device
+    memory is allocated.
 
     Example:
         >>> params = load("path/to/hf_gpt2_dir", dtype="bfloat16")   # doctest: +SKIP
+        >>> from makemost_jax.sharding import MeshConfig, make_mesh
+        >>> params = load("path/to/llama", mesh=make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)))  # doctest: +SKIP
     """
+    from makemost_jax.checkpoints.export import is_orbax_params, restore_orbax
+
+    dtype = None if dtype is None else _dtype(dtype)
+    if source not in DEFAULT_NAMES and is_orbax_params(source):
+        return restore_orbax(source, dtype, mesh=mesh, rules=rules)
     hf_config, tensors = read_checkpoint(source)
-    return params_from_hf(from_hf_config(hf_config, tensors), tensors, _dtype(dtype))
+    return params_from_hf(from_hf_config(hf_config, tensors), tensors, dtype, mesh=mesh, rules=rules)
 
 
 def load_tokenizer(source: str | None = None):

@@ -10,7 +10,11 @@ sharded means changing the rules, not the code. The mesh has three axes:
 - ``tensor``: attention heads, MLP width and vocabulary split (Megatron-style).
 
 A dimension that a mesh axis does not divide evenly is left unsplit (replicated), so
-every model runs on every mesh; `describe_sharding` says which were left whole.
+every model runs on every mesh; `describe_sharding` says which were left whole. Head
+dimensions split only between heads: a (D, H*K) kernel goes over "tensor" only when
+the axis divides H (`head_units`); `mm.load(..., mesh=)` refuses a mesh whose tensor
+axis does not divide the query heads (`check_heads_fit`), while key/value heads fewer
+than the axis are replicated (grouped-query attention's usual layout).
 
 Example:
     >>> import jax
@@ -173,10 +177,14 @@ def logical_axes(params) -> Any:
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   units: dict[str, int] | None = None) -> PartitionSpec:
     """The `PartitionSpec` for one array: rules applied, uneven splits dropped.
 
     A mesh axis is used at most once per array (the first dimension that claims it).
+    `units` gives, for a logical axis, how many indivisible pieces its dimension holds
+    (a (D, H*K) kernel's "q_heads" dimension holds H heads): a split must divide the
+    pieces, so tensor parallelism never cuts inside an attention head.
 
     Example:
         >>> mesh = make_mesh(MeshConfig(data=-1))
@@ -190,9 +198,11 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     for name, size in zip(axes, shape):
         target = table.get(name) if name is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        # Axes of size 1 add nothing; axes already used or not dividing the size are skipped.
+        pieces = (units or {}).get(name, size)
+        # Axes of size 1 add nothing; axes already used or not dividing the pieces are skipped.
         mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
-        while mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes):
+        while mesh_axes and (size % math.prod(mesh.shape[a] for a in mesh_axes)
+                             or pieces % math.prod(mesh.shape[a] for a in mesh_axes)):
             mesh_axes = mesh_axes[:-1]
         used.update(mesh_axes)
         spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
@@ -207,11 +217,61 @@ def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAU
     """
     axes_tree = logical_axes(params)
     weights = getattr(params, "weights", params)
+    config = getattr(params, "config", None)
+
+    def place(path, leaf, axes):
+        # An encoder-decoder's encoder may have its own head count.
+        own = config.encoder if config is not None and _names(path)[:1] == ("encoder",) else config
+        units = head_units(own) if own is not None else None
+        return NamedSharding(mesh, partition_spec(axes, leaf.shape, mesh, rules, units))
+
     # axes_tree has a tuple where weights has an array, so weights' structure leads.
-    shardings = jax.tree.map(
-        lambda leaf, axes: NamedSharding(mesh, partition_spec(axes, leaf.shape, mesh, rules)),
-        weights, axes_tree)
+    shardings = jax.tree_util.tree_map_with_path(place, weights, axes_tree)
     return dataclasses.replace(params, weights=shardings) if hasattr(params, "weights") else shardings
+
+
+def load_shardings(params, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None):
+    """Where a load puts each weight of `params` (a `Params` of arrays, shapes or lazy tensors): on
+    `mesh` by `rules` after `check_heads_fit`, or without a mesh on this process's first device.
+
+    Example:
+        >>> # shardings = load_shardings(Params(cfg, lazy_weights), make_mesh(MeshConfig(fsdp=4, tensor=2)))
+    """
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, params.weights)
+    rules = DEFAULT_RULES if rules is None else rules
+    check_heads_fit(params.config, mesh, rules)
+    return param_shardings(params, mesh, rules).weights
+
+
+def head_units(config) -> dict[str, int]:
+    """The indivisible pieces of the head-carrying logical axes of a model config (see `partition_spec`).
+
+    Example:
+        >>> # head_units(params.config) == {"q_heads": 9, "kv_heads": 3}
+    """
+    return {"q_heads": config.n_heads, "kv_heads": config.n_kv_heads}
+
+
+def check_heads_fit(config, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> None:
+    """Raise `ConfigError` when the mesh axis that splits query heads does not divide the head count.
+
+    Key/value heads fewer than (or not divisible by) that axis are replicated instead, the
+    usual layout for grouped-query attention.
+
+    Example:
+        >>> # check_heads_fit(params.config, make_mesh(MeshConfig(data=1, tensor=8)))  # 9 heads: ConfigError
+    """
+    target = dict(rules).get("q_heads")
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    size = math.prod(mesh.shape[a] for a in mesh_axes if a in mesh.shape)
+    for stack in (config, config.encoder):
+        if stack is not None and stack.n_heads % size:
+            name = "/".join(a for a in mesh_axes if a in mesh.shape)
+            raise ConfigError(f"mesh axis {name!r} of size {size} does not divide the model's {stack.n_heads} "
+                              f"attention heads{' (encoder)' if stack is config.encoder else ''}; tensor "
+                              f"parallelism would split a head: use a {name} size that divides {stack.n_heads}")
 
 
 def shard_params(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
@@ -317,6 +377,25 @@ def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAUL
         cache, k=spec(kv_axes, cache.k), v=spec(kv_axes, cache.v),
         positions=spec(("batch", "cache_slots"), cache.positions), fill=replicated(mesh),
         next_position=spec(("batch",), cache.next_position))
+
+
+def process_bytes(tree) -> int:
+    """Bytes of the distinct slices this process's devices hold (replicas on several local devices count once).
+
+    What a process must read to build its part of `tree`: its share of a sharded load.
+
+    Example:
+        >>> # process_bytes(mm.load(folder, mesh=mesh))   # about 1/2 of the model with 2 processes
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        seen = set()
+        for shard in leaf.addressable_shards:
+            key = tuple((s.start, s.stop) for s in shard.index)
+            if key not in seen:
+                seen.add(key)
+                total += shard.data.nbytes
+    return total
 
 
 def describe_sharding(params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict:

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from gguf.quants import dequantize, quantize
 from safetensors.numpy import load_file, save_file
 
 from makemost_jax.checkpoints import gguf as gguf_mod
+from makemost_jax.checkpoints.lazy import bytes_read
 from makemost_jax.checkpoints import (
     default_gguf_path,
     read_gguf,
@@ -99,8 +101,10 @@ def test_pytorch_bin_bf16_and_sharded_bin(tmp_path):
     }
     _, tensors = read_hf_checkpoint(_torch_dir(tmp_path / "one", state))
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
-    assert q.dtype == np.float32  # bf16 widened exactly
-    np.testing.assert_array_equal(q, state["model.layers.0.self_attn.q_proj.weight"].float().numpy())
+    assert q.dtype == ml_dtypes.bfloat16  # bf16 kept as stored
+    np.testing.assert_array_equal(np.asarray(q, np.float32), state["model.layers.0.self_attn.q_proj.weight"].float().numpy())
+    np.testing.assert_array_equal(np.asarray(q.read((slice(2, 5), slice(1, 3))), np.float32),
+                                  state["model.layers.0.self_attn.q_proj.weight"][2:5, 1:3].float().numpy())
     assert tensors["model.embed_tokens.weight"].dtype == np.float16
 
     sharded = tmp_path / "sharded"
@@ -116,14 +120,18 @@ def test_pytorch_bin_bf16_and_sharded_bin(tmp_path):
     np.testing.assert_array_equal(tensors2["model.norm.weight"], state["model.norm.weight"].numpy())
 
 
-def test_bf16_safetensors_widened_exactly(tmp_path):
+def test_bf16_safetensors_kept_and_read_per_slice(tmp_path):
     from safetensors.torch import save_file as save_torch
 
     t = torch.randn(4, 6).to(torch.bfloat16)
     save_torch({"w": t}, tmp_path / "x.safetensors")
     out = read_safetensors(tmp_path / "x.safetensors")["w"]
-    assert out.dtype == np.float32 and out.shape == (4, 6)
-    np.testing.assert_array_equal(out, t.float().numpy())
+    assert out.dtype == ml_dtypes.bfloat16 and out.shape == (4, 6)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), t.float().numpy())
+    before = bytes_read()
+    piece = out.read((slice(1, 3), slice(2, 5)))  # two runs of 3 values: 12 bytes read, not the tensor
+    assert bytes_read() - before == 2 * 3 * 2
+    np.testing.assert_array_equal(piece.astype(np.float32), t[1:3, 2:5].float().numpy())
 
 
 def test_safetensors_preferred_over_bin(tmp_path):
@@ -214,7 +222,7 @@ def test_good_handmade_safetensors(tmp_path):
     path.write_bytes(_st_bytes(header, values.tobytes() + np.int64(7).tobytes()))
     out = read_safetensors(path)
     np.testing.assert_array_equal(out["w"], values.reshape(2, 2))
-    assert out["s"].shape == () and int(out["s"]) == 7
+    assert out["s"].shape == () and int(np.asarray(out["s"])) == 7
 
 
 # ---------------------------------------------------------------------- hub fallback

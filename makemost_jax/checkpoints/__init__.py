@@ -1,4 +1,4 @@
-"""Checkpoint readers (Hugging Face directories / hub ids, GGUF files) and the Hugging Face export.
+"""Checkpoint readers (Hugging Face directories / hub ids, GGUF files) and writers (Hugging Face, Orbax).
 
 Readers return raw tensors under Hugging Face PyTorch state-dict names as numpy arrays;
 the model code maps them to its own parameter tree.
@@ -10,6 +10,7 @@ Example:
     'llama'
 """
 
+from makemost_jax.checkpoints.export import is_orbax_params, restore_orbax, save_hf, save_orbax
 from makemost_jax.checkpoints.gguf import (
     DEFAULT_GGUF_NAME,
     default_gguf_path,
@@ -21,17 +22,19 @@ from makemost_jax.checkpoints.hf import (
     read_hf_checkpoint,
     read_safetensors,
     resolve_model_dir,
-    save_hf,
 )
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
     "default_gguf_path",
     "find_tokenizer_files",
+    "is_orbax_params",
     "read_gguf",
     "read_gguf_metadata",
     "read_hf_checkpoint",
     "read_safetensors",
     "resolve_model_dir",
+    "restore_orbax",
     "save_hf",
+    "save_orbax",
 ]

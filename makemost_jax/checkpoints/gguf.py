@@ -1,4 +1,4 @@
-"""Read GGUF files (llama.cpp's format) into HF-named float32 numpy arrays.
+"""Read GGUF files (llama.cpp's format) as HF-named lazy float32 tensors.
 
 `read_gguf` returns what `read_hf_checkpoint` returns for the Hugging Face model the
 file was converted from (the `config.json` dict with its `model_type`, tensors named as
@@ -8,7 +8,9 @@ converts to llama, when the file's name says so), qwen2, qwen3, gemma, gemma2, g
 and phi3; the per-architecture tables and config builders are in `gguf_arch`.
 
 Dequantization uses the `gguf` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and whatever
-else `gguf.quants.dequantize` supports). For Llama, llama.cpp's converter permutes the
+else `gguf.quants.dequantize` supports), one slice at a time: a slice's rows are read
+whole blocks at a time (the quantisation blocks run along each row), dequantised, then
+trimmed, so loading onto a mesh reads about each device's share of the file. For Llama, llama.cpp's converter permutes the
 rows of the Q and K projections (interleaved rotary pairs -> half-split), per head:
 
     gguf = hf.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(hf.shape)
@@ -26,8 +28,8 @@ The header is parsed here, not by `gguf.GGUFReader`: every read is bounds-checke
 (magic, version, counts, each key/value and tensor entry, data offsets against the file
 size), so a malformed or hostile file is a `CheckpointError` naming the file, never a
 hang, a crash or a huge allocation; it is also ~30x faster than `GGUFReader` on a
-49k-token vocabulary. Tensor bytes are memory-mapped and handed to
-`gguf.quants.dequantize`.
+49k-token vocabulary. Tensor bytes are read with `os.preadv` (`checkpoints.lazy`) and
+handed to `gguf.quants.dequantize`.
 
 Example:
     >>> config, tensors, tok = read_gguf(default_gguf_path())  # doctest: +SKIP
@@ -58,6 +60,7 @@ from makemost_jax.checkpoints.gguf_arch import (
     expected_shape,
     supported_architectures,
 )
+from makemost_jax.checkpoints.lazy import ArrayTensor, Concatenated, FileTensor, LazyTensor, Mapped, Taken
 from makemost_jax.errors import CheckpointError, ModelNotFoundError
 
 __all__ = ["DEFAULT_GGUF_NAME", "SUPPORTED_ARCHITECTURES", "default_gguf_path", "read_gguf", "read_gguf_metadata"]
@@ -249,22 +252,57 @@ def _shape(t: _TensorInfo) -> tuple[int, ...]:
     return tuple(reversed(t.dims))  # numpy order: (out, in) for a Linear weight
 
 
-def _dequantize(path: Path, data: np.ndarray, t: _TensorInfo) -> np.ndarray:
-    """One tensor as float32 in numpy order, a copy so nothing keeps the memory map alive."""
-    from gguf.quants import dequantize, quant_shape_to_byte_shape
+class GGUFTensor(LazyTensor):
+    """One GGUF tensor as float32 in numpy order; a slice reads the whole quantisation blocks it touches."""
 
-    shape = _shape(t)
-    raw = data[t.start : t.start + t.n_bytes].reshape(quant_shape_to_byte_shape(shape, t.ggml_type))
-    try:
-        w = np.asarray(dequantize(raw, t.ggml_type), dtype=np.float32)
-    except Exception as e:  # NotImplementedError for exotic types, ValueError for bad blocks
-        raise CheckpointError(
-            f"{path}: cannot dequantize tensor {t.name!r} of type {t.ggml_type.name} "
-            f"({type(e).__name__}: {e}); re-convert the model to F16/Q8_0/Q4_0/Q4_1"
-        ) from e
-    if w.shape != shape:
-        raise CheckpointError(f"{path}: tensor {t.name!r} dequantized to {w.shape}, expected {shape}")
-    return np.array(w, dtype=np.float32, copy=True)
+    def __init__(self, path: Path, info: _TensorInfo):
+        from gguf.constants import GGML_QUANT_SIZES
+
+        self.path, self.info = path, info
+        self.shape, self.dtype = _shape(info), np.dtype(np.float32)
+        self.block, self.block_bytes = GGML_QUANT_SIZES[info.ggml_type]
+        row = self.shape[-1] if self.shape else 1
+        self.blocks_per_row = row // self.block
+        # Rows of blocks, as raw bytes: (leading dims..., blocks_per_row * block_bytes).
+        self.raw = FileTensor(path, info.start, (*self.shape[:-1], self.blocks_per_row * self.block_bytes), np.uint8)
+
+    def _read(self, index):
+
+        if not self.shape:
+            return self._dequantize(self.raw.read()).reshape(())
+        cols = index[-1]
+        first, last = cols.start // self.block, -(-cols.stop // self.block)
+        raw = self.raw._read(index[:-1] + (slice(first * self.block_bytes, last * self.block_bytes),))
+        values = self._dequantize(raw)
+        offset = first * self.block
+        return values[..., cols.start - offset:cols.stop - offset]
+
+    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        try:
+            return np.asarray(dequantize(raw, self.info.ggml_type), dtype=np.float32)
+        except Exception as e:  # NotImplementedError for exotic types, ValueError for bad blocks
+            raise CheckpointError(
+                f"{self.path}: cannot dequantize tensor {self.info.name!r} of type {self.info.ggml_type.name} "
+                f"({type(e).__name__}: {e}); re-convert the model to F16/Q8_0/Q4_0/Q4_1"
+            ) from e
+
+
+def _tensor(path: Path, info: _TensorInfo) -> GGUFTensor:
+    """The lazy tensor of `info`, its type checked by dequantising its first block."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if info.ggml_type not in GGML_QUANT_SIZES:
+        raise CheckpointError(f"{path}: tensor {info.name!r} has type {info.ggml_type.name}, which has no known "
+                              "block size; re-convert the model to F16/Q8_0/Q4_0/Q4_1")
+    tensor = GGUFTensor(path, info)
+    if tensor.shape and tensor.shape[-1] % tensor.block:
+        raise CheckpointError(f"{path}: tensor {info.name!r} rows of {tensor.shape[-1]} values are not whole "
+                              f"{info.ggml_type.name} blocks of {tensor.block}; the file is corrupted")
+    if tensor.shape and math.prod(tensor.shape):
+        tensor.read((slice(0, 1),) * (tensor.ndim - 1) + (slice(0, min(tensor.block, tensor.shape[-1])),))
+    return tensor
 
 
 def _config(path: Path, meta: dict[str, Any], infos: list[_TensorInfo]) -> tuple[Arch, dict[str, Any]]:
@@ -273,13 +311,7 @@ def _config(path: Path, meta: dict[str, Any], infos: list[_TensorInfo]) -> tuple
     by_name = {t.name: t for t in infos}
 
     def load(name: str) -> np.ndarray | None:
-        if name not in by_name:
-            return None
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-        try:
-            return _dequantize(path, data, by_name[name])
-        finally:
-            del data
+        return _tensor(path, by_name[name]).read() if name in by_name else None
 
     hparams = Hparams(meta, arch.name, path, {t.name: _shape(t) for t in infos}, load)
     return arch, arch.config(hparams)
@@ -324,12 +356,16 @@ def read_gguf_metadata(path: str | os.PathLike) -> tuple[dict, dict]:
     return _config(p, meta, infos)[1], _tokenizer_meta(meta)
 
 
-def _unpermute(w: np.ndarray, n_head: int, name: str, path: Path) -> np.ndarray:
-    """Undo llama.cpp's rotary row permutation of a Q/K weight or bias (see module doc)."""
+def _unpermute(w: LazyTensor, n_head: int, name: str, path: Path) -> LazyTensor:
+    """Undo llama.cpp's rotary row permutation of a Q/K weight or bias (see module doc), lazily."""
     rows = w.shape[0]
     if rows % (2 * n_head):
         raise CheckpointError(f"{path}: tensor {name!r} has {rows} rows, not divisible by 2 x {n_head} heads")
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return Taken(w, 0, np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1))
+
+
+def _minus_one(w: np.ndarray) -> np.ndarray:
+    return w - np.float32(1.0)
 
 
 @dataclasses.dataclass
@@ -382,7 +418,7 @@ def _plan(arch: Arch, config: dict[str, Any], infos: list[_TensorInfo], path: Pa
     return plan
 
 
-def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, np.ndarray], parts: dict, path: Path) -> None:
+def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, LazyTensor], parts: dict, path: Path) -> None:
     """Fuse split q/k/v (phi3), add the zero biases HF expects, check nothing required is missing."""
     n_layers = config["num_hidden_layers"]
     for (layer, kind), pieces in sorted(parts.items()):
@@ -392,7 +428,7 @@ def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, np.ndarray]
                 f"{path}: layer {layer} has {sorted(pieces)} of attn_q/attn_k/attn_v"
                 f"{' and attn_qkv' if hf_name in tensors else ''}; expected either attn_qkv or all three"
             )
-        tensors[hf_name] = np.concatenate([pieces[leaf] for leaf in _SPLIT_QKV])
+        tensors[hf_name] = Concatenated([pieces[leaf] for leaf in _SPLIT_QKV])
     bias_leaves = set(arch.always_bias)
     for group in arch.bias_groups:
         if any(f"model.layers.{i}.{arch.layers[leaf]}.bias" in tensors for i in range(n_layers) for leaf in group):
@@ -402,7 +438,7 @@ def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, np.ndarray]
             name = f"model.layers.{i}.{arch.layers[leaf]}.bias"
             if name not in tensors:
                 # A bias llama.cpp may leave out but the HF module has: zero is the same computation.
-                tensors[name] = np.zeros(expected_shape(leaf, "bias", config, arch), np.float32)
+                tensors[name] = ArrayTensor(np.zeros(expected_shape(leaf, "bias", config, arch), np.float32))
     required = ["model.embed_tokens.weight", "model.norm.weight"] + [
         f"model.layers.{i}.{arch.layers[leaf]}.weight" for i in range(n_layers) for leaf in arch.required
     ]
@@ -413,14 +449,15 @@ def _complete(arch: Arch, config: dict[str, Any], tensors: dict[str, np.ndarray]
         )
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dict]:
-    """Read a GGUF model: (HF config dict, {HF name: float32 array}, tokenizer metadata).
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, LazyTensor], dict]:
+    """Read a GGUF model: (HF config dict, {HF name: lazy float32 tensor}, tokenizer metadata).
 
     Supported `general.architecture` values: llama (Llama, and Mistral when the file's
     name says so), qwen2, qwen3, gemma, gemma2, gemma3 (read as `gemma3_text`) and phi3.
     The config is the Hugging Face `config.json` dict (`model_type` llama, mistral,
     qwen2, qwen3, gemma, gemma2, gemma3_text, phi3) and the tensors are the HF
-    `*ForCausalLM` state dict: dequantized to float32, (out, in) shapes, with llama.cpp's
+    `*ForCausalLM` state dict: dequantized to float32 when read (`np.asarray`, or a slice
+    with `.read(index)`), (out, in) shapes, with llama.cpp's
     conversion undone (Llama Q/K rows un-permuted, Gemma norms stored as 1 + w shifted
     back). `lm_head.weight` is present only when the file stores `output.weight`
     (otherwise `config["tie_word_embeddings"]` is True). The tokenizer metadata is
@@ -437,22 +474,18 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], dic
     arch, config = _config(p, meta, infos)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     plan = _plan(arch, config, infos, p)
-    data = np.memmap(p, dtype=np.uint8, mode="r")
-    tensors: dict[str, np.ndarray] = {}
-    parts: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    try:
-        for item in plan:
-            w = _dequantize(p, data, item.info)
-            if arch.permute_qk and item.leaf in heads:
-                w = _unpermute(w, heads[item.leaf], item.info.name, p)
-            if arch.norm_plus_one and item.leaf.endswith("norm"):
-                w -= np.float32(1.0)  # llama.cpp's Gemma converters store 1 + w (HF computes x * (1 + w))
-            if arch.split_qkv and item.leaf in _SPLIT_QKV:
-                parts.setdefault((item.layer, item.info.name.rsplit(".", 1)[1]), {})[item.leaf] = w
-            else:
-                tensors[item.hf_name] = w
-    finally:
-        del data
+    tensors: dict[str, LazyTensor] = {}
+    parts: dict[tuple[int, str], dict[str, LazyTensor]] = {}
+    for item in plan:
+        w: LazyTensor = _tensor(p, item.info)
+        if arch.permute_qk and item.leaf in heads:
+            w = _unpermute(w, heads[item.leaf], item.info.name, p)
+        if arch.norm_plus_one and item.leaf.endswith("norm"):
+            w = Mapped(w, _minus_one, np.float32)  # llama.cpp's Gemma converters store 1 + w (HF: x * (1 + w))
+        if arch.split_qkv and item.leaf in _SPLIT_QKV:
+            parts.setdefault((item.layer, item.info.name.rsplit(".", 1)[1]), {})[item.leaf] = w
+        else:
+            tensors[item.hf_name] = w
     _complete(arch, config, tensors, parts, p)
     return config, tensors, _tokenizer_meta(meta)
 

@@ -11,8 +11,9 @@ are parsed by this module itself, so that a malformed header is rejected with a
 `CheckpointError` before anything large is allocated. `.bin` files are read only with
 `torch.load(..., weights_only=True)`; nothing ever runs remote code.
 
-Dtypes are kept as stored, except bfloat16 and float8, which numpy lacks: they are
-widened to float32 exactly (every bf16/fp8 value is a float32 value).
+Nothing is read up front: every tensor comes back as a `LazyTensor` (`checkpoints.lazy`)
+that reads the slices asked for, in the stored dtype (bfloat16 and float8 through
+`ml_dtypes`); `np.asarray(tensor)` reads all of it.
 
 Example:
     >>> config, tensors = read_hf_checkpoint("/path/to/gpt2")      # doctest: +SKIP
@@ -30,8 +31,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from makemost_jax.checkpoints.lazy import FileTensor, LazyTensor
 from makemost_jax.errors import CheckpointError, ModelNotFoundError
 
 __all__ = [
@@ -49,15 +52,15 @@ TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # The safetensors library refuses headers above 100 MB too; a larger length is corruption.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# Safetensors dtype -> numpy dtype as stored (little-endian). bf16 and fp8 have no numpy
-# dtype: they are read as raw unsigned ints and widened to float32 by `_widen`.
+# Safetensors dtype -> numpy dtype as stored (little-endian); ml_dtypes (a jax dependency)
+# gives numpy bfloat16 and float8.
 _ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "F8_E4M3": np.dtype("u1"),
-    "F8_E5M2": np.dtype("u1"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
@@ -75,17 +78,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What a model or tokenizer needs from a hub repo; weights are fetched separately so a
 # repo with both formats only downloads one.
 _HUB_BASE_PATTERNS = ["*.json", "*.txt", "*.model", "tokenizer*"]
-
-
-def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
-    """bf16 / fp8 bit patterns -> float32 (exact)."""
-    if st_dtype == "BF16":
-        # bf16 is the top half of a float32.
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    import ml_dtypes  # ships with jax
-
-    fp8 = ml_dtypes.float8_e4m3fn if st_dtype == "F8_E4M3" else ml_dtypes.float8_e5m2
-    return raw.view(fp8).astype(np.float32)
 
 
 def _parse_safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
@@ -164,38 +156,52 @@ def _parse_safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]
     return data_start, header
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of one `.safetensors` file into numpy, validating the header first.
+def read_safetensors(path: str | os.PathLike) -> dict[str, FileTensor]:
+    """The tensors of one `.safetensors` file, lazily, after validating the whole header.
 
     Raises `CheckpointError` naming the file (and tensor) for a truncated file, an absurd
     header length, a header that is not a JSON object, a malformed entry, an unknown
-    dtype, or offsets outside the file.
+    dtype, or offsets outside the file. No tensor data is read here.
 
     Example:
         >>> tensors = read_safetensors("model.safetensors")  # doctest: +SKIP
         >>> tensors["embeddings.word_embeddings.weight"].dtype  # doctest: +SKIP
         dtype('float32')
+        >>> np.asarray(tensors["embeddings.word_embeddings.weight"])[:2]   # reads it  # doctest: +SKIP
     """
     path = Path(path)
     data_start, header = _parse_safetensors_header(path)
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        for name, entry in header.items():
-            dt = _ST_DTYPES[entry["dtype"]]
-            count = math.prod(entry["shape"])
-            f.seek(data_start + entry["data_offsets"][0])
-            arr = np.fromfile(f, dtype=dt, count=count)
-            if arr.size != count:  # the file shrank since the header was checked
-                raise CheckpointError(f"{path}: tensor {name!r} is truncated; re-download or re-save it")
-            arr = arr.reshape(entry["shape"])
-            if entry["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2"):
-                arr = _widen(arr, entry["dtype"])
-            out[name] = arr
-    return out
+    return {name: FileTensor(path, data_start + entry["data_offsets"][0], entry["shape"], _ST_DTYPES[entry["dtype"]])
+            for name, entry in header.items()}
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    """Load a `pytorch_model.bin` safely (weights_only) into numpy arrays."""
+class TorchTensor(LazyTensor):
+    """A tensor of a memory-mapped PyTorch checkpoint, sliced with PyTorch before numpy sees it."""
+
+    _NUMPY = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+              "float8_e5m2": ml_dtypes.float8_e5m2}
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        name = str(tensor.dtype).removeprefix("torch.")
+        self.dtype = np.dtype(self._NUMPY.get(name, name))
+
+    def _read(self, index):
+        import torch
+
+        piece = self.tensor[index]
+        if str(piece.dtype).removeprefix("torch.") in self._NUMPY:  # no numpy dtype in torch: view the bits
+            piece = piece.view(torch.int16 if piece.dtype == torch.bfloat16 else torch.uint8)
+        return piece.numpy().copy().view(self.dtype)  # a copy: never alias the mapped file
+
+
+def _read_torch_bin(path: Path) -> dict[str, LazyTensor]:
+    """A `pytorch_model.bin`, loaded safely (weights_only) and memory-mapped where the format allows.
+
+    The zip format (PyTorch >= 1.6) maps the file: each slice read touches only its pages
+    (which count in RSS while mapped). The legacy format cannot be mapped and is read whole.
+    """
     try:
         import torch
     except ImportError as e:
@@ -204,7 +210,12 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             "(CPU build is enough), or convert the checkpoint to safetensors"
         ) from e
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except Exception as e:  # pickle/zip errors of every kind: the file is bad or unsafe
         raise CheckpointError(
             f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {e}); "
@@ -219,18 +230,15 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach()
-        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-            t = t.float()
-        out[name] = t.numpy()
+        out[name] = TorchTensor(t.detach())
     return out
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
+def _read_file(path: Path) -> dict[str, LazyTensor]:
     return read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
 
 
-def _read_sharded(directory: Path, index_name: str) -> dict[str, np.ndarray]:
+def _read_sharded(directory: Path, index_name: str) -> dict[str, LazyTensor]:
     """Read every shard an index names and check each tensor is where the index says."""
     index_path = directory / index_name
     try:
@@ -241,17 +249,19 @@ def _read_sharded(directory: Path, index_name: str) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{index_path}: not a valid shard index with a 'weight_map' object ({e}); re-download it"
         ) from e
-    tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
+    shards = sorted(set(weight_map.values()), key=str)
+    for shard in shards:  # every shard checked before any is opened
         # An index must not point outside its own directory.
         if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
             raise CheckpointError(f"{index_path}: shard name {shard!r} is not a file inside {directory}")
-        shard_path = directory / shard
-        if not shard_path.is_file():
+        if not (directory / shard).is_file():
             raise CheckpointError(
                 f"{index_path} names shard {shard!r}, which is missing from {directory}; "
                 "download the complete checkpoint"
             )
+    tensors: dict[str, LazyTensor] = {}
+    for shard in shards:
+        shard_path = directory / shard
         for name, arr in _read_file(shard_path).items():
             if name in tensors:
                 raise CheckpointError(f"{shard_path}: tensor {name!r} also appears in another shard")
@@ -307,8 +317,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike, weights: bool = True) -> Pa
     return snap
 
 
-def read_hf_checkpoint(path_or_id: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read (config.json, {PyTorch state-dict name: numpy array}) from a HF model.
+def read_hf_checkpoint(path_or_id: str | os.PathLike) -> tuple[dict, dict[str, LazyTensor]]:
+    """Read (config.json, {PyTorch state-dict name: lazy tensor}) from a HF model; no weights are read yet.
 
     `path_or_id` is a directory with `config.json` plus `model.safetensors`,
     `model.safetensors.index.json` + shards, `pytorch_model.bin` or
@@ -370,30 +380,3 @@ def find_tokenizer_files(directory: str | os.PathLike) -> dict[str, Path]:
         "config.json",
     )
     return {n: directory / n for n in names if (directory / n).is_file()}
-
-
-def save_hf(params, folder: str | os.PathLike) -> Path:
-    """Write `params` as a Hugging Face folder (`config.json` + `model.safetensors`) that
-    `transformers` and `mm.load` read back to the same logits; returns the folder.
-
-    Export is implemented per family (`config_to_hf` / `weights_to_hf` in its module); for
-    now Marian (the models trained by `makemost_jax.seq2seq`), other families are refused.
-
-    Example:
-        >>> # save_hf(params, "runs/en-es")   # then transformers.MarianMTModel.from_pretrained("runs/en-es")
-    """
-    from safetensors.numpy import save_file
-
-    from makemost_jax.errors import ConfigError
-    from makemost_jax.models.registry import family_for
-
-    cfg = params.config
-    family = family_for(cfg.hf_model_type or cfg.family)
-    if not hasattr(family, "weights_to_hf"):
-        raise ConfigError(f"export to a Hugging Face folder is not implemented for {cfg.hf_model_type}; "
-                          "it is for marian models")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(family.config_to_hf(cfg), indent=2) + "\n")
-    save_file(family.weights_to_hf(cfg, params.weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
+from makemost_jax.checkpoints.lazy import Stacked
 from makemost_jax.errors import CheckpointError
 from makemost_jax.models import mapping
 from makemost_jax.models.config import (
@@ -169,12 +169,65 @@ def settle_config(cfg: ModelConfig, tensors: dict) -> ModelConfig:
     return cfg
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face BART / mBART (ForConditionalGeneration) state dict.
 
     Example:
         >>> # weights = weights_from_hf(cfg, read_hf_checkpoint("bart-base")[1])
     """
     return mapping.assemble(prepare_tensors(cfg, tensors), entries(cfg, embed_norm=True, learned_positions=True),
-                            mapping.expected_shapes(cfg), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers},
-                            dtype=dtype)
+                            mapping.expected_shapes(cfg), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
+
+
+def seq2seq_config_to_hf(cfg: ModelConfig, architecture: str) -> dict:
+    """The `config.json` keys every BART-layout model shares (the inverse of `seq2seq_config`).
+
+    Example:
+        >>> # seq2seq_config_to_hf(cfg, "BartForConditionalGeneration")["encoder_layers"] == cfg.encoder.n_layers
+    """
+    enc = cfg.encoder
+    return {"model_type": cfg.hf_model_type, "architectures": [architecture], "vocab_size": enc.vocab_size,
+            "d_model": cfg.d_model, "encoder_layers": enc.n_layers, "decoder_layers": cfg.n_layers,
+            "encoder_attention_heads": enc.n_heads, "decoder_attention_heads": cfg.n_heads,
+            "encoder_ffn_dim": enc.d_ff, "decoder_ffn_dim": cfg.d_ff, "max_position_embeddings": cfg.max_positions,
+            "activation_function": cfg.activation,
+            "scale_embedding": math.isclose(cfg.embed.scale, math.sqrt(cfg.d_model)),
+            "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
+            "decoder_start_token_id": cfg.decoder_start_token_id, "tie_word_embeddings": cfg.head.tied,
+            "is_encoder_decoder": True}
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a BART or mBART `ModelConfig`.
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "mbart", "vocab_size": 40, "d_model": 16, "encoder_layers": 3,
+        ...   "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 2,
+        ...   "encoder_ffn_dim": 24, "decoder_ffn_dim": 20, "max_position_embeddings": 32})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    return seq2seq_config_to_hf(cfg, {"bart": "BartForConditionalGeneration",
+                                      "mbart": "MBartForConditionalGeneration"}[cfg.hf_model_type])
+
+
+def seq2seq_weights_to_hf(cfg: ModelConfig, weights: dict, embed_norm: bool, learned_positions: bool) -> dict:
+    """HF-named lazy tensors of BART-layout weights (`entries`), `final_logits_bias` as HF's (1, V).
+
+    Example:
+        >>> # seq2seq_weights_to_hf(cfg, params.weights, True, True)["final_logits_bias"].shape == (1, V)
+    """
+    tensors = mapping.disassemble(weights, entries(cfg, embed_norm, learned_positions),
+                                  {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
+    tensors["final_logits_bias"] = Stacked([tensors["final_logits_bias"]])
+    return tensors
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of BART / mBART weights (`*ForConditionalGeneration` names; learned
+    positions with their 2 offset rows, as loaded; a tied head is not written).
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["model.shared.weight"].shape == (V, D)
+    """
+    return seq2seq_weights_to_hf(cfg, weights, embed_norm=True, learned_positions=True)

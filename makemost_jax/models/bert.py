@@ -154,12 +154,56 @@ def has_mlm_head(tensors: dict) -> bool:
     return any(_rename(n).startswith("head.") for n in tensors)
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face BERT/RoBERTa (MaskedLM or bare) state dict.
 
     Example:
         >>> # weights = weights_from_hf(cfg, read_hf_checkpoint(minilm_dir)[1])
     """
     tensors = {_rename(k): v for k, v in tensors.items()}
-    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype,
+    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers,
                             ignored=_IGNORED)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a BERT or RoBERTa `ModelConfig` (a `*ForMaskedLM`, or the bare `*Model`).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "roberta", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10, "max_position_embeddings": 12,
+        ...   "type_vocab_size": 1, "pad_token_id": 1})
+        >>> hf = config_to_hf(cfg); hf["architectures"]
+        ['RobertaForMaskedLM']
+        >>> config_from_hf(hf) == cfg
+        True
+    """
+    name = {"bert": "Bert", "roberta": "Roberta"}[cfg.hf_model_type]
+    return {"model_type": cfg.hf_model_type,
+            "architectures": [f"{name}ForMaskedLM" if cfg.head.kind == "mlm" else f"{name}Model"],
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff, "hidden_act": cfg.activation,
+            "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.embed.type_vocab_size,
+            "layer_norm_eps": cfg.norm.eps, "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of BERT / RoBERTa weights.
+
+    With the MLM head: `BertForMaskedLM` (`bert.*`, `cls.predictions.*`) or `RobertaForMaskedLM`
+    (`roberta.*`, `lm_head.*`) names, the decoder tied to the word embeddings; a bare encoder
+    gets `BertModel` / `RobertaModel` names, without the pooler (never loaded, so not written:
+    transformers initialises it afresh, which changes no hidden state).
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["cls.predictions.bias"].shape == (V,)
+    """
+    head = "cls." if cfg.hf_model_type == "bert" else "lm_head."
+    head_names = {ours: theirs for theirs, ours in _HEAD_NAMES.items() if theirs.startswith(head)}
+    prefix = f"{cfg.hf_model_type}." if cfg.head.kind == "mlm" else ""
+
+    def hf_name(name: str) -> str:
+        ours = next((o for o in head_names if name.startswith(o)), None)
+        return prefix + name if ours is None else head_names[ours] + name[len(ours):]
+
+    return {hf_name(name): t for name, t in mapping.disassemble(weights, _ENTRIES, cfg.n_layers).items()}

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
+from makemost_jax.checkpoints.lazy import Mapped, as_lazy
 from makemost_jax.models import llama
 from makemost_jax.models.config import (
     EmbedConfig,
@@ -104,12 +104,72 @@ _SANDWICH = [
 _SANDWICH_ENTRIES = [e for e in llama.ENTRIES if e[0] != "layers/mlp_norm/scale"] + _SANDWICH
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def _plus_one(w: np.ndarray) -> np.ndarray:
+    return w.astype(np.float32) + np.float32(1.0)
+
+
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face Gemma state dict; every norm weight w becomes 1 + w (in float32).
 
     Example:
         >>> # weights = weights_from_hf(cfg, read_hf_checkpoint("gemma-2-2b")[1])
     """
-    tensors = {k: (np.asarray(v, np.float32) + 1.0 if "norm" in k else v) for k, v in tensors.items()}
+    tensors = {k: (Mapped(as_lazy(v), _plus_one, np.float32) if "norm" in k else v) for k, v in tensors.items()}
     entries = _SANDWICH_ENTRIES if cfg.norm.placement == "sandwich" else llama.ENTRIES
-    return llama.weights_from_hf(cfg, tensors, dtype, entries)
+    return llama.weights_from_hf(cfg, tensors, entries)
+
+
+_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def _pre_attn_scalar(scale: float) -> float | int:
+    """The `query_pre_attn_scalar` whose inverse square root is `scale` (an integer when one is exact)."""
+    whole = round(scale ** -2)
+    return whole if float(whole) ** -0.5 == scale else scale ** -2
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a Gemma, Gemma 2 or Gemma 3 (text) `ModelConfig`.
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "gemma2", "hidden_size": 8, "num_hidden_layers": 2,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "head_dim": 4, "vocab_size": 10,
+        ...   "max_position_embeddings": 8, "query_pre_attn_scalar": 20, "sliding_window": 4})
+        >>> hf = config_to_hf(cfg); hf["query_pre_attn_scalar"], hf["layer_types"]
+        (20, ['sliding_attention', 'full_attention'])
+        >>> config_from_hf(hf) == cfg
+        True
+    """
+    model_type = cfg.hf_model_type
+    hf = llama.decoder_config_to_hf(cfg, _ARCHITECTURES[model_type])
+    activation = "gelu_pytorch_tanh" if cfg.activation == "gelu_new" else cfg.activation
+    if model_type == "gemma":
+        return {**hf, "hidden_act": activation}
+    del hf["hidden_act"]
+    types = ["full_attention" if k.window is None else "sliding_attention" for k in cfg.layers]
+    hf.update(hidden_activation=activation, layer_types=types, query_pre_attn_scalar=_pre_attn_scalar(
+                  cfg.attention.scale), sliding_window=max((k.window for k in cfg.layers if k.window), default=None),
+              final_logit_softcapping=cfg.head.softcap)
+    if model_type == "gemma2":
+        hf["attn_logit_softcapping"] = cfg.attention.softcap
+    else:  # Gemma 3: local and global layers have rotary settings of their own
+        hf["rope_parameters"] = {t: llama.rope_to_hf(k.rotary) for t, k in zip(types, cfg.layers)}
+    return hf
+
+
+def _minus_one(w: np.ndarray) -> np.ndarray:
+    return w.astype(np.float32) - np.float32(1.0)
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of Gemma weights; every norm weight 1 + w is written as w again.
+
+    Computed in float32 and rounded to the weights' dtype: exact in float32; in bfloat16 a
+    norm weight below 0.5 (HF value below -0.5) may lose its last bits.
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["model.norm.weight"]
+    """
+    entries = _SANDWICH_ENTRIES if cfg.norm.placement == "sandwich" else llama.ENTRIES
+    return {k: (Mapped(t, _minus_one, t.dtype) if "norm" in k else t)
+            for k, t in llama.weights_to_hf(cfg, weights, entries).items()}

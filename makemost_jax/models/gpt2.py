@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from makemost_jax.models import mapping
 from makemost_jax.models.config import (
@@ -73,7 +72,7 @@ _ENTRIES = [
      for p in "qkv" for kind, kind_hf in (("kernel", "weight"), ("bias", "bias"))]
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face GPT-2 state dict (with or without the `transformer.` prefix).
 
     Example:
@@ -88,8 +87,36 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
             # Conv1D (D, 3D): q, k, v along the last axis
             mapping.split_rows(tensors, f"h.{i}.attn.c_attn.{kind}",
                                {f"h.{i}.attn.{p}.{kind}": d for p in "qkv"}, axis=-1)
-    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype,
+    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers,
                             ignored=("h.{i}.attn.bias", "h.{i}.attn.masked_bias"))
 
 
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a GPT-2 `ModelConfig` (what `transformers.GPT2Config` reads).
 
+    Example:
+        >>> cfg = config_from_hf({"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
+        ...                       "vocab_size": 10, "n_positions": 8})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    a = cfg.attention
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": a.n_heads, "n_positions": cfg.max_positions,
+            "n_inner": cfg.d_ff, "activation_function": cfg.activation, "layer_norm_epsilon": cfg.norm.eps,
+            "scale_attn_weights": a.scale is None, "scale_attn_by_inverse_layer_idx": a.scale_by_inverse_layer,
+            "tie_word_embeddings": cfg.head.tied, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of GPT-2 weights (`GPT2LMHeadModel` names, q/k/v fused into `c_attn`).
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["transformer.h.0.attn.c_attn.weight"].shape == (D, 3 * D)
+    """
+    tensors = mapping.disassemble(weights, _ENTRIES, cfg.n_layers)
+    for i in range(cfg.n_layers):
+        for kind, axis in (("weight", 1), ("bias", 0)):  # Conv1D (D, 3D): q, k, v along the last axis
+            mapping.fuse(tensors, f"h.{i}.attn.c_attn.{kind}", [f"h.{i}.attn.{p}.{kind}" for p in "qkv"], axis)
+    return {name if name.startswith("lm_head.") else "transformer." + name: t for name, t in tensors.items()}

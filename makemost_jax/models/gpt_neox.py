@@ -15,9 +15,9 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
+from makemost_jax.checkpoints.lazy import Taken, as_lazy
 from makemost_jax.models import mapping
 from makemost_jax.models.config import (
     AttentionConfig,
@@ -30,6 +30,7 @@ from makemost_jax.models.config import (
     require,
     rotary_config,
 )
+from makemost_jax.models.llama import rope_to_hf
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -76,7 +77,7 @@ _ENTRIES = [
      for p in "qkv" for kind, hf_kind in (("kernel", "weight"), ("bias", "bias"))]
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face GPT-NeoX state dict, splitting the per-head fused q/k/v.
 
     Example:
@@ -92,13 +93,51 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
         for kind in ("weight", "bias"):
             name = f"gpt_neox.layers.{i}.attention.query_key_value.{kind}"
             if name in tensors:
-                fused = np.asarray(tensors.pop(name))
+                fused = as_lazy(tensors.pop(name))
                 if fused.shape[0] != 3 * h * k:
                     raise mapping.CheckpointError(f"tensor {name!r} has {fused.shape[0]} rows, but the config "
                                                   f"implies {3 * h * k}; the checkpoint and config.json do not match")
-                per_head = fused.reshape(h, 3, k, *fused.shape[1:])
+                rows_H3K = np.arange(3 * h * k).reshape(h, 3, k)  # per head: its q rows, k rows, v rows
                 for j, p in enumerate("qkv"):
-                    tensors[f"gpt_neox.layers.{i}.attention.{p}.{kind}"] = per_head[:, j].reshape(h * k, *fused.shape[1:])
-    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype,
+                    tensors[f"gpt_neox.layers.{i}.attention.{p}.{kind}"] = Taken(fused, 0, rows_H3K[:, j].reshape(-1))
+    return mapping.assemble(tensors, _ENTRIES, mapping.expected_shapes(cfg), cfg.n_layers,
                             ignored=("gpt_neox.layers.{i}.attention.bias", "gpt_neox.layers.{i}.attention.masked_bias",
                                      "gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a GPT-NeoX `ModelConfig` (what `transformers.GPTNeoXConfig` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "gpt_neox", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10, "max_position_embeddings": 8})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    a = cfg.attention
+    rope = {**rope_to_hf(cfg.rotary), "partial_rotary_factor": cfg.rotary.fraction}  # the default is not 1 here
+    return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": a.n_heads,
+            "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_positions,
+            "hidden_act": cfg.activation, "layer_norm_eps": cfg.norm.eps, "use_parallel_residual": cfg.norm.parallel,
+            "attention_bias": a.qkv_bias, "tie_word_embeddings": cfg.head.tied, "rope_parameters": rope,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of GPT-NeoX weights, q/k/v fused per head into `query_key_value`.
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["gpt_neox.layers.0.attention.query_key_value.weight"]
+    """
+    tensors = mapping.disassemble(weights, _ENTRIES, cfg.n_layers)
+    # Fused row j is [q; k; v]'s row rows[j]: per head h, its q rows, then its k rows, then its v rows.
+    rows = np.arange(3 * cfg.n_heads * cfg.head_dim).reshape(3, cfg.n_heads, cfg.head_dim).swapaxes(0, 1).reshape(-1)
+    for i in range(cfg.n_layers):
+        for kind in ("weight", "bias"):
+            prefix = f"gpt_neox.layers.{i}.attention."
+            fused = f"{prefix}query_key_value.{kind}"
+            mapping.fuse(tensors, fused, [f"{prefix}{p}.{kind}" for p in "qkv"], axis=0)
+            if fused in tensors:
+                tensors[fused] = Taken(tensors[fused], 0, rows)
+    return tensors

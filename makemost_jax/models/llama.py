@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError
 from makemost_jax.models import mapping
@@ -116,7 +115,7 @@ ENTRIES = [
   + [(f"layers/mlp/{p}/bias", f"{_LAYER}mlp.{p}_proj.bias", False) for p in ("up", "gate", "down")]
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32, entries=ENTRIES) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict, entries=ENTRIES) -> dict:
     """Map a Hugging Face Llama-layout state dict; a tied head's stored copy is dropped.
 
     Example:
@@ -125,7 +124,75 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32, entries=
     tensors = dict(tensors)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    return mapping.assemble(tensors, entries, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype,
+    return mapping.assemble(tensors, entries, mapping.expected_shapes(cfg), cfg.n_layers,
                             ignored=("model.layers.{i}.self_attn.rotary_emb.inv_freq",))
 
 
+
+
+def rope_to_hf(rotary) -> dict:
+    """The transformers `rope_parameters` dict that `rotary_config` reads back to `rotary`.
+
+    Example:
+        >>> rope_to_hf(rotary_config({"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, 8))
+        {'rope_type': 'linear', 'rope_theta': 500000.0, 'factor': 2.0}
+    """
+    params = {"rope_type": rotary.kind, "rope_theta": rotary.theta}
+    params.update({k: list(v) if isinstance(v, tuple) else v for k, v in rotary.scaling
+                   if v is not None and k != "rope_type"})
+    if rotary.fraction != 1.0:
+        params["partial_rotary_factor"] = rotary.fraction
+    return params
+
+
+def decoder_config_to_hf(cfg: ModelConfig, architecture: str) -> dict:
+    """The `config.json` keys every Llama-layout decoder shares (the inverse of `decoder_config`).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10, "max_position_embeddings": 8})
+        >>> decoder_config_to_hf(cfg, "LlamaForCausalLM")["rope_parameters"]
+        {'rope_type': 'default', 'rope_theta': 10000.0}
+    """
+    a = cfg.attention
+    return {"model_type": cfg.hf_model_type, "architectures": [architecture], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.max_positions, "hidden_act": cfg.activation, "mlp_bias": cfg.mlp.bias,
+            "attention_bias": a.qkv_bias, "rms_norm_eps": cfg.norm.eps, "tie_word_embeddings": cfg.head.tied,
+            "rope_parameters": rope_to_hf(cfg.rotary), "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+def layer_windows_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` keys `layer_windows` reads back to `cfg`'s per-layer sliding windows.
+
+    Example:
+        >>> # layer_windows_to_hf(qwen2_cfg)["layer_types"] == ["full_attention", "sliding_attention", ...]
+    """
+    sliding = cfg.sliding_layers
+    return {"use_sliding_window": bool(sliding),
+            "sliding_window": max((cfg.layers[i].window for i in sliding), default=None),
+            "max_window_layers": sliding[0] if sliding else cfg.n_layers,
+            "layer_types": ["full_attention" if k.window is None else "sliding_attention" for k in cfg.layers]}
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a Llama `ModelConfig` (what `transformers.LlamaConfig` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10, "max_position_embeddings": 8})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    return decoder_config_to_hf(cfg, "LlamaForCausalLM")
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict, entries=ENTRIES) -> dict:
+    """HF-named lazy tensors of Llama-layout weights (a tied head is not written).
+
+    Example:
+        >>> # tensors = weights_to_hf(params.config, params.weights); tensors["lm_head.weight"].shape == (V, D)
+    """
+    return mapping.disassemble(weights, entries, cfg.n_layers)

@@ -17,15 +17,10 @@ Example:
 
 from __future__ import annotations
 
-import math
-
-import jax.numpy as jnp
-
 from makemost_jax.models import bart, mapping
 from makemost_jax.models.config import ModelConfig
 
 settle_config = bart.settle_config
-_HF_ACTIVATIONS = {"silu": "swish", "gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -42,7 +37,7 @@ def config_from_hf(hf) -> ModelConfig:
                                share_embeddings=shared)
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face Marian (MarianMTModel) state dict; saved sinusoidal tables are ignored.
 
     Example:
@@ -52,8 +47,7 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
     for side in ("encoder", "decoder"):  # fixed tables, recomputed (older checkpoints saved them)
         tensors.pop(f"model.{side}.embed_positions.weight", None)
     return mapping.assemble(tensors, bart.entries(cfg, embed_norm=False, learned_positions=False),
-                            mapping.expected_shapes(cfg), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers},
-                            dtype=dtype)
+                            mapping.expected_shapes(cfg), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -67,28 +61,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         >>> config_from_hf(config_to_hf(cfg)) == cfg
         True
     """
-    enc = cfg.encoder
-    return {
-        "model_type": "marian", "architectures": ["MarianMTModel"], "vocab_size": enc.vocab_size,
-        "decoder_vocab_size": cfg.vocab_size, "share_encoder_decoder_embeddings": cfg.share_embeddings,
-        "d_model": cfg.d_model, "encoder_layers": enc.n_layers, "decoder_layers": cfg.n_layers,
-        "encoder_attention_heads": enc.n_heads, "decoder_attention_heads": cfg.n_heads,
-        "encoder_ffn_dim": enc.d_ff, "decoder_ffn_dim": cfg.d_ff, "max_position_embeddings": cfg.max_positions,
-        "activation_function": _HF_ACTIVATIONS[cfg.mlp.activation],
-        "scale_embedding": math.isclose(cfg.embed.scale, math.sqrt(cfg.d_model)),
-        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
-        "forced_eos_token_id": cfg.eos_token_id, "decoder_start_token_id": cfg.decoder_start_token_id,
-        "tie_word_embeddings": cfg.head.tied, "is_encoder_decoder": True,
-    }
+    return {**bart.seq2seq_config_to_hf(cfg, "MarianMTModel"), "decoder_vocab_size": cfg.vocab_size,
+            "share_encoder_decoder_embeddings": cfg.share_embeddings, "forced_eos_token_id": cfg.eos_token_id}
 
 
 def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
-    """HF-named tensors of Marian weights (`final_logits_bias` as (1, V), no sinusoid tables).
+    """HF-named lazy tensors of Marian weights (`final_logits_bias` as (1, V), no sinusoid tables).
 
     Example:
-        >>> # save_file(weights_to_hf(params.config, params.weights), "model.safetensors")
+        >>> # weights_to_hf(params.config, params.weights)["final_logits_bias"].shape == (1, V)
     """
-    tensors = mapping.disassemble(weights, bart.entries(cfg, embed_norm=False, learned_positions=False),
-                                  {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
-    tensors["final_logits_bias"] = tensors["final_logits_bias"].reshape(1, -1)
-    return tensors
+    return bart.seq2seq_weights_to_hf(cfg, weights, embed_norm=False, learned_positions=False)

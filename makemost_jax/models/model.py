@@ -152,15 +152,54 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return Params(cfg, init_weights(cfg, key, dtype))
 
 
-def params_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> Params:
-    """Parameters from a Hugging Face state dict (HF names -> numpy arrays).
+def params_from_hf(cfg: ModelConfig, tensors: dict, dtype=None, mesh=None, rules=None) -> Params:
+    """Parameters from a Hugging Face state dict (HF names -> numpy arrays or lazy tensors).
 
-    Raises `CheckpointError` naming any missing, unused or misshapen tensor.
+    Every tensor is mapped, shape-checked and placed lazily first (a `CheckpointError`
+    names any missing, unused or misshapen tensor, and a mesh that would split an attention
+    head is a `ConfigError`, all before any device memory is allocated); then each
+    parameter is created in its final sharding, every device's slice read and cast on
+    its own. `dtype` None keeps the checkpoint's dtype (that of the token table; float8
+    becomes bfloat16). Without a `mesh` the weights go to this process's first device.
 
     Example:
         >>> # params = params_from_hf(from_hf_config(config), tensors)
+        >>> # params = params_from_hf(cfg, tensors, "bfloat16", mesh=make_mesh(MeshConfig(fsdp=4, tensor=2)))
     """
-    return Params(cfg, family_for(cfg.hf_model_type or cfg.family).weights_from_hf(cfg, tensors, dtype))
+    from makemost_jax.checkpoints.lazy import to_device
+    from makemost_jax.sharding import load_shardings
+
+    lazy = family_for(cfg.hf_model_type or cfg.family).weights_from_hf(cfg, tensors)
+    dtype = checkpoint_dtype(lazy) if dtype is None else jnp.dtype(dtype)
+    shardings = load_shardings(Params(cfg, lazy), mesh, rules)
+    return Params(cfg, jax.tree.map(lambda t, s: to_device(t, s, dtype), lazy, shardings))
+
+
+def checkpoint_dtype(weights: dict) -> jnp.dtype:
+    """The dtype a checkpoint's weights keep by default: its token table's (float8: bfloat16; not a float: float32).
+
+    Example:
+        >>> import numpy as np
+        >>> checkpoint_dtype({"embed": {"tokens": np.zeros(2, np.float16)}})
+        dtype('float16')
+    """
+    stored = jnp.dtype(weights["embed"]["tokens"].dtype)
+    if not jnp.issubdtype(stored, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(jnp.bfloat16) if stored.itemsize == 1 else stored
+
+
+def _lookup(table_ND, ids_BT, rows_axis: str):
+    """Rows `ids_BT` of an embedding table, as (B, T, D) split over the batch axes.
+
+    Under fsdp the table's width D is split, and a gather keeps its operand's sharding:
+    the rows would come out split over D, and going from that to rows split over the
+    batch axes (data x fsdp) is a resharding XLA can only do by replicating the whole
+    activation ("involuntary full rematerialization"). So the table's width is gathered
+    whole first (what fsdp does for every weight) and the rows are taken by batch.
+    """
+    table_ND = constrain(table_ND, (rows_axis, None))
+    return constrain(table_ND[ids_BT], ("batch", "length", None))
 
 
 def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_BT=None):
@@ -170,18 +209,18 @@ def embed(cfg: ModelConfig, weights: dict, tokens_BT, positions_BT, token_types_
         >>> # x_BTD = embed(cfg, weights, tokens_BT, positions_BT)
     """
     e, w = cfg.embed, weights["embed"]
-    x_BTD = w["tokens"][tokens_BT]
+    x_BTD = _lookup(w["tokens"], tokens_BT, "vocab")
     if e.scale != 1.0:  # Gemma: sqrt(D), rounded to the weights' dtype as Hugging Face does
         x_BTD = x_BTD * jnp.asarray(e.scale, x_BTD.dtype)
     if e.project_dim:
         x_BTD = x_BTD @ w["project_in"]["kernel"]
     if e.positions == "learned":
-        x_BTD = x_BTD + w["positions"][positions_BT + e.position_offset]
+        x_BTD = x_BTD + _lookup(w["positions"], positions_BT + e.position_offset, "positions")
     elif e.positions == "sinusoidal":
         x_BTD = x_BTD + jnp.asarray(sinusoidal_table(cfg.max_positions, cfg.d_model), x_BTD.dtype)[positions_BT]
     if e.type_vocab_size:
         types = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
-        x_BTD = x_BTD + w["types"][types]
+        x_BTD = x_BTD + _lookup(w["types"], types, "types")
     if e.norm:
         x_BTD = norm(cfg, w["norm"], x_BTD)
     return x_BTD

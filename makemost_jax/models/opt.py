@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from makemost_jax.models import mapping
 from makemost_jax.models.config import (
@@ -77,7 +76,7 @@ _ENTRIES = [
      for kind, hf_kind in (("kernel", "weight"), ("bias", "bias"))]
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face OPT state dict (`model.decoder.*` or `decoder.*`).
 
     Example:
@@ -90,4 +89,36 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
     tensors = dict(tensors)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    return mapping.assemble(tensors, entries, mapping.expected_shapes(cfg), cfg.n_layers, dtype=dtype)
+    return mapping.assemble(tensors, entries, mapping.expected_shapes(cfg), cfg.n_layers)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of an OPT `ModelConfig` (what `transformers.OPTConfig` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "opt", "hidden_size": 8, "num_hidden_layers": 1,
+        ...   "num_attention_heads": 2, "ffn_dim": 16, "vocab_size": 10, "max_position_embeddings": 8,
+        ...   "word_embed_proj_dim": 4})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    before = cfg.norm.placement == "pre"
+    return {"model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "ffn_dim": cfg.d_ff, "max_position_embeddings": cfg.max_positions, "activation_function": cfg.activation,
+            "do_layer_norm_before": before, "_remove_final_layer_norm": before and not cfg.head.final_norm,
+            "word_embed_proj_dim": cfg.embed.project_dim or cfg.d_model, "enable_bias": cfg.attention.qkv_bias,
+            "layer_norm_elementwise_affine": True, "tie_word_embeddings": cfg.head.tied,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of OPT weights (`OPTForCausalLM` names: `model.decoder.*`).
+
+    The learned positions keep their 2 offset rows: the table is saved as it was loaded.
+
+    Example:
+        >>> # weights_to_hf(cfg, params.weights)["model.decoder.embed_positions.weight"].shape == (P + 2, D)
+    """
+    return {name if name.startswith("lm_head.") else "model." + name: t
+            for name, t in mapping.disassemble(weights, _ENTRIES, cfg.n_layers).items()}

@@ -15,9 +15,16 @@ Example:
 from __future__ import annotations
 
 from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.llama import decoder_config, layer_windows, weights_from_hf
+from makemost_jax.models.llama import (
+    decoder_config,
+    decoder_config_to_hf,
+    layer_windows,
+    layer_windows_to_hf,
+    weights_from_hf,
+    weights_to_hf,
+)
 
-__all__ = ["config_from_hf", "weights_from_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "weights_from_hf", "weights_to_hf"]
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -27,3 +34,16 @@ def config_from_hf(hf) -> ModelConfig:
         >>> # config_from_hf(json.load(open("qwen2.5-0.5b/config.json"))).attention.qkv_bias
     """
     return decoder_config(hf, "qwen2", qkv_bias=True, out_bias=False, windows=layer_windows(hf))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a Qwen2 `ModelConfig` (what `transformers.Qwen2Config` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 3,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10, "max_position_embeddings": 8,
+        ...   "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    return {**decoder_config_to_hf(cfg, "Qwen2ForCausalLM"), **layer_windows_to_hf(cfg)}

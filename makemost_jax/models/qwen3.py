@@ -12,9 +12,16 @@ Example:
 from __future__ import annotations
 
 from makemost_jax.models.config import ModelConfig
-from makemost_jax.models.llama import decoder_config, layer_windows, weights_from_hf
+from makemost_jax.models.llama import (
+    decoder_config,
+    decoder_config_to_hf,
+    layer_windows,
+    layer_windows_to_hf,
+    weights_from_hf,
+    weights_to_hf,
+)
 
-__all__ = ["config_from_hf", "weights_from_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "weights_from_hf", "weights_to_hf"]
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -24,3 +31,16 @@ def config_from_hf(hf) -> ModelConfig:
         >>> # config_from_hf(json.load(open("qwen3-0.6b/config.json"))).attention.qk_norm
     """
     return decoder_config({"head_dim": 128, **hf}, "qwen3", qk_norm=True, windows=layer_windows(hf))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a Qwen3 `ModelConfig` (what `transformers.Qwen3Config` reads).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "qwen3", "hidden_size": 8, "num_hidden_layers": 2,
+        ...   "num_attention_heads": 2, "intermediate_size": 16, "head_dim": 6, "vocab_size": 10,
+        ...   "max_position_embeddings": 8})
+        >>> config_from_hf(config_to_hf(cfg)) == cfg
+        True
+    """
+    return {**decoder_config_to_hf(cfg, "Qwen3ForCausalLM"), **layer_windows_to_hf(cfg)}

@@ -1,7 +1,9 @@
 """The family registry: Hugging Face `model_type` -> the module that converts it.
 
 A family module provides `config_from_hf(hf_config) -> ModelConfig` and
-`weights_from_hf(cfg, tensors, dtype) -> weights`; encoders also `default_positions`.
+`weights_from_hf(cfg, tensors) -> lazy weights` (`models.mapping`), and for export the
+inverses `config_to_hf(cfg)` and `weights_to_hf(cfg, weights)`; encoders also
+`default_positions`.
 Everything else (the weights layout, forward, logical axes) is shared, in `model` and
 `layers`. Adding a family adds one module and one row here; the README's table of
 supported families is checked against these rows (`tests/test_families.py`).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError
 from makemost_jax.models import mapping
@@ -112,7 +111,7 @@ def _entries(gated: bool) -> list[mapping.Entry]:
                                     ("cross_attn", "cross_norm", "EncDecAttention"), mlp]))
 
 
-def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
+def weights_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     """Map a Hugging Face T5 / mT5 (ForConditionalGeneration) state dict.
 
     Example:
@@ -124,4 +123,47 @@ def weights_from_hf(cfg: ModelConfig, tensors: dict, dtype=jnp.float32) -> dict:
     # Cross-attention has no position bias; some checkpoints carry an unused table for it.
     tensors.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
     return mapping.assemble(tensors, _entries(cfg.mlp.gated), mapping.expected_shapes(cfg),
-                            {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers}, dtype=dtype)
+                            {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})
+
+
+_ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` of a T5 or mT5 `ModelConfig` (what `transformers.T5Config` / `MT5Config` read).
+
+    T5 writes whether the head input is scaled both as `scale_decoder_outputs` and as
+    `tie_word_embeddings`, the key transformers decides it by; whether the head is tied
+    shows in the weights (an untied head writes its own `lm_head.weight`).
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "t5", "vocab_size": 32, "d_model": 16, "d_kv": 4, "d_ff": 24,
+        ...   "num_layers": 3, "num_decoder_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu"})
+        >>> hf = config_to_hf(cfg); hf["feed_forward_proj"], hf["scale_decoder_outputs"]
+        ('gated-gelu', True)
+        >>> config_from_hf(hf) == cfg
+        True
+    """
+    a, model_type = cfg.attention, cfg.hf_model_type
+    act = "gelu" if cfg.mlp.gated and cfg.activation == "gelu_new" else cfg.activation  # "gated-gelu" is gelu_new
+    scaled = cfg.head.input_scale != 1.0
+    return {"model_type": model_type, "architectures": [_ARCHITECTURES[model_type]], "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model, "d_kv": a.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.encoder.n_layers,
+            "num_decoder_layers": cfg.n_layers, "num_heads": a.n_heads,
+            "relative_attention_num_buckets": a.relative_buckets,
+            "relative_attention_max_distance": a.relative_max_distance, "layer_norm_epsilon": cfg.norm.eps,
+            "feed_forward_proj": f"gated-{act}" if cfg.mlp.gated else act, "n_positions": cfg.max_positions,
+            "is_encoder_decoder": True, "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id,
+            "decoder_start_token_id": cfg.decoder_start_token_id,
+            **({"scale_decoder_outputs": scaled, "tie_word_embeddings": scaled} if model_type == "t5"
+               else {"tie_word_embeddings": cfg.head.tied})}
+
+
+def weights_to_hf(cfg: ModelConfig, weights: dict) -> dict:
+    """HF-named lazy tensors of T5 / mT5 weights: one `shared.weight` (the encoder's and decoder's
+    tables are tied to it, as transformers saves them) and `lm_head.weight` only when untied.
+
+    Example:
+        >>> # sorted(weights_to_hf(cfg, params.weights))[:1] == ["decoder.block.0.layer.0.SelfAttention.k.weight"]
+    """
+    return mapping.disassemble(weights, _entries(cfg.mlp.gated), {"encoder/": cfg.encoder.n_layers, "": cfg.n_layers})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from makemost_jax import models, training
-from makemost_jax.checkpoints.hf import save_hf
+from makemost_jax.checkpoints.export import save_hf
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.config import ModelConfig, from_hf_config
 from makemost_jax.models.types import Params
