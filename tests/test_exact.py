@@ -178,6 +178,26 @@ def test_settings_are_checked():
         exact_mode(bert, PROMPT, eos_id=EOS)
 
 
+def test_prefix_pool_recycles_slots_within_its_memory_budget(tiny):
+    """Each evaluated prefix keeps its last token's keys/values in a device pool that its children read;
+    slots come back when no frontier entry needs them, so a pool far smaller than the search suffices,
+    and a pool too small for the live frontier stops the search like the node budget."""
+    _, params, table, truth = tiny
+    cfg = params.config
+    per_prefix = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # float32 keys and values
+    common = {"eos_id": EOS, "max_length": MAX_LENGTH, "seed_beams": 0, "batch_size": 3, "children": 2}
+    modes = exact_length_modes(params, PROMPT, kv_budget_bytes=40 * per_prefix, **common)
+    assert max(m.nodes_expanded for m in modes) > 40  # more prefixes evaluated than the pool has slots
+    for n, m in enumerate(modes):
+        assert_is(m, truth[n])
+    cramped = exact_length_modes(params, PROMPT, kv_budget_bytes=4 * per_prefix, **common)
+    assert not all(m.proved_optimal for m in cramped)
+    for m in cramped:  # what it found is real and correctly scored
+        assert m.tokens is None or m.loglik == pytest.approx(table[m.tokens][0], abs=1e-4)
+    with pytest.raises(ConfigError, match="kv_budget_bytes"):
+        exact_mode(params, PROMPT, kv_budget_bytes=2 * per_prefix, **common)
+
+
 # ---------------------------------------------------------------- the `makemost mode` command
 
 

@@ -3,6 +3,8 @@ memory, sub-linear training memory under remat, a real training run, checkpoints
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -125,6 +127,19 @@ def test_scan_equals_python_loop_logits_and_gradients():
         _, got = scan_nll_and_grad(module, lm, x_BNW, y_BNW, ones, remat=remat)
         for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected.weights), jax.tree.leaves(got.weights)):
             np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5, err_msg=f"remat={remat} {path}")
+
+
+def test_bfloat16_module_and_model_keep_their_dtype_through_the_scan():
+    # The window states are pooled in float32; the memory carried by the scan stays in the module's dtype.
+    bf16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
+    lm = bf16(tiny_lm("llama"))
+    module = bf16(perturbed(init_memory_module(RecurrenceConfig(), lm.config, jax.random.key(1))))
+    memory, logits = jax.jit(run_windows)(module, lm, tokens((2, 3, 16)))
+    assert memory.dtype == jnp.bfloat16 and logits.shape == (2, 3, 16, VOCAB)
+    full, _ = jax.jit(run_windows)(jax.tree.map(lambda x: x.astype(jnp.float32), module),
+                                   jax.tree.map(lambda x: x.astype(jnp.float32), lm), tokens((2, 3, 16)))
+    error = np.linalg.norm(np.asarray(memory, np.float32) - full) / np.linalg.norm(full)
+    assert error < 0.1, error  # bfloat16 rounding through three windows, not a different computation
 
 
 def test_gradient_reaches_the_memory_from_a_later_window():

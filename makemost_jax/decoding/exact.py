@@ -13,20 +13,27 @@ expansion order. Three searches share one loop:
 
 Several questions (prompts, or an encoder-decoder's sources) are searched at once: each
 keeps its own frontier on the host (one heap per prefix length), and every model call
-evaluates a fixed-size batch of `batch_size` prefixes drawn from all unfinished
-questions in turn. The prompts (and sources) are prefilled once into a KV cache, one row
-per question, and every prefix is recomputed from its tokens (padded to `max_length`) on
-a copy of its question's row. No per-node cache is stored, and the shapes depend only on
-(batch_size, max_length, questions, prompt bucket of 32), so one compilation serves a
-whole search and every exact length. A call returns log p(EOS) and the `children` most likely other
-tokens of each prefix; when all of them survive pruning the prefix goes back into the
-frontier as a continuation that yields the next `children` tokens later, in the order
-(log-prob desc, token id asc) of its recomputed distribution (recomputing a row with the
-same shapes gives the same numbers wherever it sits in the batch). The bounds start from
-beam search (`seed_beams` wide; for a given length, with EOS forbidden before it). A node
-budget stops the search; results then carry `proved_optimal=False`.
+evaluates up to `batch_size` prefixes drawn from all unfinished questions in turn (padded
+to a power of two, so the narrow frontier at a search's start makes cheap calls). The
+prompts (and sources) are prefilled once into a KV cache, one row per question, cut to
+the longest prompt. A prefix is evaluated by running its last token only: the keys and
+values of every evaluated prefix's last token are kept in a device pool, and each
+prefix's ancestors are gathered from it, so children share their parent's prefix and
+nothing is recomputed or copied per node. The host keeps the pool's free list and
+reference counts (a slot is freed when no frontier entry needs it), so the pool holds the
+live prefixes only, within `kv_budget_bytes`. The shapes depend only on (call bucket,
+max_length, questions, longest prompt, pool size), so a few compilations serve a whole
+search and every exact length. A call returns log p(EOS) and the `children` most likely
+other tokens of each prefix; when all of them survive pruning the prefix goes back into
+the frontier as a continuation that yields the next `children` tokens later, in the
+order (log-prob desc, token id asc) of its recomputed distribution (a row recomputed from
+the same inputs gives the same numbers wherever it sits in the batch). The bounds start
+from beam search (`seed_beams` wide; for a given length, with EOS forbidden before it). A
+node budget stops the search, and so does a full pool; results then carry
+`proved_optimal=False`.
 
-Dimensions: Q questions, E prefixes per call, W prefix width, V vocabulary, C children per prefix.
+Dimensions: Q questions, E prefixes per call, A ancestors per prefix (max_length - 1), N pool slots,
+L layers, G key/value heads, K head width, V vocabulary, C children per prefix.
 
 Example:
     >>> import jax
@@ -61,6 +68,8 @@ from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
 ORDERS = ("depth", "best")
+DEFAULT_KV_BUDGET = 1 << 30  # bytes of device memory for the searched prefixes' keys/values
+_SMALLEST_CALL = 8  # prefixes per model call when the frontier is narrower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,27 +125,70 @@ class _Plan:
     stop_at_max_length: bool = False
 
 
-@functools.partial(jax.jit, static_argnames=("children", "eos_id"))
-def _expand(params: Params, cache: KVCache, root_logits_QV, rows_E, prefix_EW, lengths_E, after_logp_E, after_id_E,
-            *, children: int, eos_id: int):
+@functools.partial(jax.jit, static_argnames=("children", "eos_id"), donate_argnames=("pool",))
+def _expand(params: Params, cache: KVCache, pool, root_logits_QV, rows_E, tokens_E, chain_EA, lengths_E, slots_E,
+            after_logp_E, after_id_E, *, children: int, eos_id: int):
     """Next-token log-probs of E prefixes, each after the prompt (and source) of its question `rows_E`.
 
-    Returns (log p(EOS) (E,), the next `children` non-EOS tokens in (log-prob desc, id asc)
-    order after the key (after_logp, after_id): values (E, C), ids (E, C)).
+    A prefix of length d >= 1 runs only its last token `tokens_E`, after its d - 1 ancestors,
+    whose keys/values are gathered from `pool` ((k, v), each (L, N, G, K)) at the slots
+    `chain_EA` (right-aligned, -1 padding); its own key/value is written to `pool` at `slots_E`.
+    The empty prefix's distribution is the prompt's own (`root_logits_QV`).
+
+    Returns (the pool, log p(EOS) (E,), the next `children` non-EOS tokens in (log-prob desc,
+    id asc) order after the key (after_logp, after_id): values (E, C), ids (E, C)).
     """
-    w = prefix_EW.shape[1]
-    mask_EW = jnp.arange(w)[None] < lengths_E[:, None]
-    last_EV = forward(params, prefix_EW, cache=gather_rows(cache, rows_E), mask=mask_EW,
-                      logits_at=jnp.maximum(lengths_E - 1, 0)).logits[:, 0]
-    # The empty prefix's distribution is the prompt's own last logits.
-    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_QV[rows_E], last_EV), axis=-1)
+    pool_k, pool_v = pool
+    a = chain_EA.shape[1]
+    start = cache.size - a - 1  # the first slot after the prompt
+    rows = gather_rows(cache, rows_E)
+    have_EA = chain_EA >= 0
+    slot_EA = jnp.maximum(chain_EA, 0)
+
+    def place(buffer, pool_x):
+        return buffer.at[:, :, start:start + a].set(jnp.where(have_EA[None, :, :, None, None], pool_x[:, slot_EA], 0))
+
+    # Ancestor i (0-based) of a prefix of length d sits in column a - (d - 1) + i, at position prompt + i.
+    prompt_E = rows.next_position
+    index_EA = jnp.arange(a)[None] - (a - (lengths_E[:, None] - 1))
+    positions = rows.positions.at[:, start:start + a].set(jnp.where(have_EA, prompt_E[:, None] + index_EA, -1))
+    rows = dataclasses.replace(rows, k=place(rows.k, pool_k), v=place(rows.v, pool_v), positions=positions,
+                               fill=jnp.asarray(start + a, jnp.int32))
+    out = forward(params, tokens_E[:, None], cache=rows, positions=(prompt_E + jnp.maximum(lengths_E - 1, 0))[:, None],
+                  logits_at=0)
+    # Rows of the empty prefix write nowhere (an out-of-range slot is dropped).
+    target_E = jnp.where(lengths_E > 0, slots_E, pool_k.shape[1])
+    pool = tuple(p.at[:, target_E].set(new[:, :, start + a], mode="drop")
+                 for p, new in ((pool_k, out.cache.k), (pool_v, out.cache.v)))
+    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_QV[rows_E], out.logits[:, 0]), axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])
     after_EV = (logp_EV < after_logp_E[:, None]) | (
         (logp_EV == after_logp_E[:, None]) & (ids_V[None] > after_id_E[:, None]))
     # top_k puts the lower id first among equal values: the same order as the key above.
     choices_EV = ban_pad(params.config, jnp.where(after_EV & (ids_V[None] != eos_id), logp_EV, -jnp.inf))
     values_EC, ids_EC = jax.lax.top_k(choices_EV, children)
-    return logp_EV[:, eos_id], values_EC, ids_EC
+    return pool, logp_EV[:, eos_id], values_EC, ids_EC
+
+
+class _Pool:
+    """The host's book of the device pool: free slots and, per slot, how many frontier entries need it."""
+
+    def __init__(self, size: int):
+        self.free = list(range(size - 1, -1, -1))
+        self.refs = np.zeros(size, np.int64)
+
+    def alloc(self) -> int | None:
+        return self.free.pop() if self.free else None
+
+    def ref(self, chain: tuple[int, ...]) -> None:
+        for slot in chain:
+            self.refs[slot] += 1
+
+    def unref(self, chain: tuple[int, ...]) -> None:
+        for slot in chain:
+            self.refs[slot] -= 1
+            if self.refs[slot] == 0:
+                self.free.append(slot)
 
 
 _prefill = jax.jit(prefill, static_argnames=("cache_size",))
@@ -214,18 +266,20 @@ def _validate(params: Params, prompt, prompts, sources, source_mask, eos_id, max
 class _Question:
     """One question's branch and bound: its frontier, bounds and settled results."""
 
-    def __init__(self, plan: _Plan, seeds: dict):
-        self.plan, self.last = plan, plan.depth  # deepest prefix length
+    def __init__(self, plan: _Plan, seeds: dict, pool: _Pool):
+        self.plan, self.last, self.pool = plan, plan.depth, pool  # last: deepest prefix length
         self.keys = [-1] if plan.shared_bound else list(plan.targets)
         # best[l] = (loglik, tokens, ends_with_eos) of the best complete output of length l so far.
         self.best = {l: (-math.inf, None, True) for l in range(self.last + 1)}
         self.best.update(seeds)
         # heaps[d]: entries whose outputs have length >= d, as (-bound, tiebreak, prefix, score, after_logp,
-        # after_id, emitted). A fresh prefix has after_logp=inf and bound=score; a continuation of a
-        # prefix of length d-1 sits at d with bound = score + log p of its last emitted child.
+        # after_id, emitted, chain). A fresh prefix has after_logp=inf and bound=score; a continuation of a
+        # prefix of length d-1 sits at d with bound = score + log p of its last emitted child. chain: the
+        # pool slots of the prefix's evaluated tokens (its ancestors; and itself once evaluated), each
+        # referenced by the entry while it waits.
         self.heaps: list[list] = [[] for _ in range(self.last + 1)]
         self.counter = itertools.count()
-        self.heaps[0].append((-0.0, next(self.counter), (), 0.0, math.inf, -1, 0))
+        self.heaps[0].append((-0.0, next(self.counter), (), 0.0, math.inf, -1, 0, ()))
         self.expanded = 0
         self.settled: dict[int, tuple[int, float]] = {}
 
@@ -244,7 +298,9 @@ class _Question:
         tops = []
         for d, cut in enumerate(self.thresholds()):
             if self.heaps[d] and -self.heaps[d][0][0] <= cut:
-                self.heaps[d].clear()  # the rest of this heap is lower still
+                for entry in self.heaps[d]:  # the rest of this heap is lower still
+                    self.pool.unref(entry[-1])
+                self.heaps[d].clear()
             tops.append(-self.heaps[d][0][0] if self.heaps[d] else -math.inf)
         return tops
 
@@ -270,9 +326,15 @@ class _Question:
     def done(self) -> bool:
         return len(self.settled) == len(self.keys)
 
-    def take(self, entry, eos_logp: float, values: list[float], ids: list[int], n_children: int, vocab: int):
-        """Record a prefix's expansion: its EOS completion, and its children that beat the bound."""
-        _, _, prefix, score, after_logp, _, emitted = entry
+    def push(self, depth: int, entry: tuple) -> None:
+        self.pool.ref(entry[-1])
+        heapq.heappush(self.heaps[depth], entry)
+
+    def take(self, entry, node_chain: tuple[int, ...], eos_logp: float, values: list[float], ids: list[int],
+             n_children: int, vocab: int):
+        """Record a prefix's expansion (`node_chain`: its tokens' pool slots): its EOS completion, and
+        its children that beat the bound."""
+        _, _, prefix, score, after_logp, _, emitted, _ = entry
         d, plan = len(prefix), self.plan
         if after_logp == math.inf and d in plan.targets and score + eos_logp > self.best[d][0]:
             self.best[d] = (score + eos_logp, prefix, True)
@@ -287,12 +349,12 @@ class _Question:
                 self.best[self.last] = max(self.best[self.last], (child_score, prefix + (token,), False),
                                            key=lambda b: b[0])
             else:
-                heapq.heappush(self.heaps[d + 1], (-child_score, next(self.counter), prefix + (token,), child_score,
-                                                   math.inf, -1, 0))
+                self.push(d + 1, (-child_score, next(self.counter), prefix + (token,), child_score, math.inf, -1, 0,
+                                  node_chain))
         else:  # every child passed: the next ones may too
             if emitted + n_children < vocab - 1:
-                heapq.heappush(self.heaps[d + 1], (-(score + values[-1]), next(self.counter), prefix, score,
-                                                   values[-1], ids[-1], emitted + n_children))
+                self.push(d + 1, (-(score + values[-1]), next(self.counter), prefix, score, values[-1], ids[-1],
+                                  emitted + n_children, node_chain))
 
     def results(self, total: float) -> dict[int, ModeResult]:
         out = {}
@@ -306,58 +368,94 @@ class _Question:
         return out
 
 
+def _pool_size(params: Params, n_questions: int, node_budget: int, batch_size: int, kv_budget_bytes: int) -> int:
+    """Pool slots: enough for every node the budget allows (rounded up to a power of two, so nearby
+    budgets share one compilation), within `kv_budget_bytes`."""
+    cfg = params.config
+    per_node = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(params.dtype).itemsize
+    fits = kv_budget_bytes // per_node
+    if fits < batch_size:
+        raise ConfigError(f"kv_budget_bytes={kv_budget_bytes} holds {fits} prefixes' keys/values ({per_node} bytes "
+                          f"each), fewer than batch_size={batch_size}; raise it to at least {per_node * batch_size}")
+    return int(min(fits, 1 << (n_questions * node_budget + batch_size - 1).bit_length()))
+
+
 def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, node_budget: int, batch_size: int,
-            children: int, order: str, seed_beams: int) -> list[dict[int, ModeResult]]:
+            children: int, order: str, seed_beams: int, kv_budget_bytes: int) -> list[dict[int, ModeResult]]:
     """Branch and bound for every question at once; per question a ModeResult per target length
     (one, keyed -1, when shared_bound). `node_budget` is per question."""
     t0 = time.perf_counter()
-    vocab = params.config.vocab_size
+    cfg = params.config
+    vocab = cfg.vocab_size
     n_children = min(children, vocab - 1)
     n_questions = inputs.prompts.shape[0]
     seeds = _beam_seeds(params, inputs, plan, eos_id, seed_beams) if seed_beams else [{}] * n_questions
-    questions = [_Question(plan, seeds[q]) for q in range(n_questions)]
+    slots = _pool_size(params, n_questions, node_budget, batch_size, kv_budget_bytes)
+    book = _Pool(slots)
+    pool_shape = (cfg.n_layers, slots, cfg.n_kv_heads, cfg.head_dim)
+    pool = (jnp.zeros(pool_shape, params.dtype), jnp.zeros(pool_shape, params.dtype))
+    questions = [_Question(plan, seeds[q], book) for q in range(n_questions)]
 
     width = max(plan.max_length, 1)  # one prefix width for every call and length: one compilation
-    cache, root_logits_QV = _prefill(params, *(jnp.asarray(x) for x in (inputs.prompts, inputs.prompt_mask)),
-                                     cache_size=inputs.prompts.shape[1] + width,
+    # Every row's left padding beyond the longest prompt is dropped: each call gathers the prompt's
+    # keys/values per prefix, so empty slots would cost memory traffic on every expansion.
+    trim = inputs.prompts.shape[1] - inputs.longest_prompt
+    prompts_QP, prompt_mask_QP = inputs.prompts[:, trim:], inputs.prompt_mask[:, trim:]
+    cache, root_logits_QV = _prefill(params, jnp.asarray(prompts_QP), jnp.asarray(prompt_mask_QP),
+                                     cache_size=prompts_QP.shape[1] + width,
                                      sources_BS=None if inputs.sources is None else jnp.asarray(inputs.sources),
                                      source_mask_BS=None if inputs.source_mask is None else jnp.asarray(
                                          inputs.source_mask))
     for q in questions:  # the seed alone may already prove a result
         q.settle(time.perf_counter() - t0)
 
+    ancestors = width - 1
     while True:
-        # Fill one batch from the unfinished questions in turn, within each one's budget.
-        batch: list[tuple[int, tuple]] = []
+        # Fill one batch from the unfinished questions in turn, within each one's budget and the pool.
+        batch: list[tuple[int, tuple, tuple]] = []
         active = [i for i, q in enumerate(questions) if not q.done and q.expanded < node_budget]
-        while active and len(batch) < batch_size:
+        while active and len(batch) < batch_size and book.free:
             for i in list(active):
                 entry = questions[i].pop(order) if questions[i].expanded < node_budget else None
                 if entry is None:
                     active.remove(i)
                     continue
+                prefix, chain = entry[2], entry[-1]
+                # Its own slot: kept from its first evaluation (a continuation), else a fresh one.
+                node_chain = chain if len(chain) == len(prefix) else chain + (book.alloc(),) if prefix else ()
                 questions[i].expanded += 1
-                batch.append((i, entry))
-                if len(batch) == batch_size:
+                batch.append((i, entry, node_chain))
+                if len(batch) == batch_size or not book.free:
                     break
         if not batch:
             break
-        rows_E = np.zeros(batch_size, np.int32)
-        prefix_EW = np.full((batch_size, width), eos_id, np.int32)
-        lengths_E = np.zeros(batch_size, np.int32)
-        after_logp_E = np.full(batch_size, np.inf, np.float32)
-        after_id_E = np.full(batch_size, -1, np.int32)
-        for e, (i, (_, _, prefix, _, after_logp, after_id, _)) in enumerate(batch):
-            rows_E[e] = i
-            prefix_EW[e, :len(prefix)] = prefix
-            lengths_E[e], after_logp_E[e], after_id_E[e] = len(prefix), after_logp, after_id
-        eos_E, values_EC, ids_EC = jax.device_get(_expand(
-            params, cache, root_logits_QV, rows_E, prefix_EW, lengths_E, after_logp_E, after_id_E,
-            children=n_children, eos_id=eos_id))
-        for e, (i, entry) in enumerate(batch):
-            questions[i].take(entry, float(eos_E[e]), values_EC[e].tolist(), ids_EC[e].tolist(), n_children, vocab)
+        # A narrow frontier (the search's start) fills a smaller bucket: a power of two up to batch_size.
+        rows = min(batch_size, max(_SMALLEST_CALL, 1 << (len(batch) - 1).bit_length()))
+        rows_E = np.zeros(rows, np.int32)
+        tokens_E = np.full(rows, eos_id, np.int32)
+        chain_EA = np.full((rows, ancestors), -1, np.int32)
+        lengths_E = np.zeros(rows, np.int32)
+        slots_E = np.zeros(rows, np.int32)
+        after_logp_E = np.full(rows, np.inf, np.float32)
+        after_id_E = np.full(rows, -1, np.int32)
+        for e, (i, (_, _, prefix, _, after_logp, after_id, _, _), node_chain) in enumerate(batch):
+            rows_E[e], lengths_E[e], after_logp_E[e], after_id_E[e] = i, len(prefix), after_logp, after_id
+            if prefix:
+                tokens_E[e], slots_E[e] = prefix[-1], node_chain[-1]
+                if len(prefix) > 1:
+                    chain_EA[e, ancestors - len(prefix) + 1:] = node_chain[:-1]
+        pool, eos_E, values_EC, ids_EC = _expand(
+            params, cache, pool, root_logits_QV, rows_E, tokens_E, chain_EA, lengths_E, slots_E, after_logp_E,
+            after_id_E, children=n_children, eos_id=eos_id)
+        eos_E, values_EC, ids_EC = jax.device_get((eos_E, values_EC, ids_EC))
+        for e, (i, entry, node_chain) in enumerate(batch):
+            book.ref(node_chain)  # held while its children are pushed
+            questions[i].take(entry, node_chain, float(eos_E[e]), values_EC[e].tolist(), ids_EC[e].tolist(),
+                              n_children, vocab)
+            book.unref(entry[-1])
+            book.unref(node_chain)
         now = time.perf_counter() - t0
-        for i in {i for i, _ in batch}:
+        for i in {i for i, _, _ in batch}:
             questions[i].settle(now)
 
     total = time.perf_counter() - t0
@@ -369,7 +467,8 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
 def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
                source_mask=None, eos_id: int | None = None, max_length: int = 16, length: int | None = None,
                node_budget: int = 10_000, batch_size: int = 64, children: int = 16, order: str = "depth",
-               stop_at_max_length: bool = False, seed_beams: int = 4) -> ModeResult | list[ModeResult]:
+               stop_at_max_length: bool = False, seed_beams: int = 4,
+               kv_budget_bytes: int = DEFAULT_KV_BUDGET) -> ModeResult | list[ModeResult]:
     """The most likely continuation of `prompt` (optionally among outputs of exactly `length` tokens).
 
     One question: `prompt` (token ids) gives one `ModeResult`. Several at once: `prompts`
@@ -385,8 +484,9 @@ def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=N
     `node_budget` prefixes, `batch_size` per model call, `order` "depth" (deepest first,
     as in Stahlberg & Byrne) or "best" (highest log-probability first); each expansion
     passes on at most `children` tokens at a time (more follow when needed). The bound
-    starts from beam search with `seed_beams` beams (0: no seed). `proved_optimal` is
-    False when the budget ran out first.
+    starts from beam search with `seed_beams` beams (0: no seed). The keys/values of the
+    live prefixes take at most `kv_budget_bytes` of device memory (a full pool stops the
+    search like the node budget). `proved_optimal` is False when the budget ran out first.
 
     Example:
         >>> # mode = exact_mode(params, tok.encode_for_model("Q: 2+2?\\nA:"), eos_id=tok.eos_id,
@@ -411,14 +511,15 @@ def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=N
                      stop_at_max_length=stop_at_max_length)
     results = [next(iter(r.values())) for r in _search(
         params, inputs, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size, children=children,
-        order=order, seed_beams=seed_beams)]
+        order=order, seed_beams=seed_beams, kv_budget_bytes=kv_budget_bytes)]
     return results[0] if single else results
 
 
 def exact_length_modes(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
                        source_mask=None, eos_id: int | None = None, max_length: int = 16, node_budget: int = 10_000,
                        batch_size: int = 64, children: int = 16, order: str = "depth",
-                       seed_beams: int = 4) -> list[ModeResult] | list[list[ModeResult]]:
+                       seed_beams: int = 4, kv_budget_bytes: int = DEFAULT_KV_BUDGET
+                       ) -> list[ModeResult] | list[list[ModeResult]]:
     """The mode at every output length 0..max_length, in one search (element l: length l).
 
     With `prompts` or `sources` (as in `exact_mode`): one such list per question.
@@ -438,5 +539,5 @@ def exact_length_modes(params: Params, prompt: Sequence[int] | None = None, *, p
                  shared_bound=False)
     results = [[r[length] for length in range(max_length + 1)] for r in _search(
         params, inputs, plan, eos_id=eos_id, node_budget=node_budget, batch_size=batch_size, children=children,
-        order=order, seed_beams=seed_beams)]
+        order=order, seed_beams=seed_beams, kv_budget_bytes=kv_budget_bytes)]
     return results[0] if single else results

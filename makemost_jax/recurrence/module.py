@@ -232,8 +232,9 @@ def update_memory(module: MemoryParams, memory_BMD, hidden_BTD, mask_BT) -> jax.
     scores_BHMC = jnp.einsum("bmhk,bchk->bhmc", q_BMHK, k_BCHK) / math.sqrt(d // h)
     scores_BHMC = jnp.where(attend_BC[:, None, None, :], scores_BHMC, -jnp.inf)  # memory slots keep rows finite
     pooled_BMD = jnp.einsum("bhmc,bchk->bmhk", jax.nn.softmax(scores_BHMC, axis=-1), v_BCHK).reshape(b, m, d)
-    memory_BMD = net.pool_norm(memory_BMD + net.o(pooled_BMD))
-    return net.mlp_norm(memory_BMD + net.down(jax.nn.gelu(net.up(memory_BMD))))
+    updated_BMD = net.pool_norm(memory_BMD + net.o(pooled_BMD))
+    updated_BMD = net.mlp_norm(updated_BMD + net.down(jax.nn.gelu(net.up(updated_BMD))))
+    return updated_BMD.astype(memory_BMD.dtype)  # the window states are pooled in float32; the memory keeps its dtype
 
 
 def memory_kv(module: MemoryParams, memory_BMD) -> tuple[jax.Array, jax.Array, jax.Array]:
