@@ -121,11 +121,17 @@ def before(ref: str, args) -> dict:
     if not tree.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
                        capture_output=True)
-    out = subprocess.run([sys.executable, __file__, "--rates-only", "--max-length", str(args.max_length),
+    # The worktree's own copy of this script, so its makemost_jax (not this checkout's) is imported.
+    script = tree / "benchmarks" / Path(__file__).name
+    script.write_text(Path(__file__).read_text())
+    out = subprocess.run([sys.executable, str(script), "--rates-only", "--max-length", str(args.max_length),
                           "--budget", str(args.budget), "--batch", str(args.batch), "--rate-budget",
                           str(args.rate_budget), "--repeats", str(args.repeats)],
                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["code"].startswith(str(tree)):
+        raise RuntimeError(f"the 'before' run imported {result['code']}, not the worktree {tree}")
+    return result
 
 
 def markdown(after: dict, old: dict | None, proofs: list[dict], info: dict, args) -> str:
@@ -172,6 +178,7 @@ def main() -> None:
     parser.add_argument("--proof-lengths", default="1,3")
     parser.add_argument("--proof-budgets", default="1000,10000", help="'' to skip the proof rates")
     parser.add_argument("--prompts", type=int, default=20, help="how many of the 20 real_modes prompts")
+    parser.add_argument("--proofs-from", default=None, help="take the proof-rate rows from this results JSON")
     parser.add_argument("--quick", action="store_true", help="small budgets and 2 prompts")
     parser.add_argument("--rates-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default=None)
@@ -189,8 +196,11 @@ def main() -> None:
     print(f"after: {after['seconds']:.1f} s, bare {after['bare']['nodes_per_s']:.0f} nodes/s, decode "
           f"{after['decode']['tokens_per_s']:.0f} tokens/s", flush=True)
     budgets = [int(x) for x in args.proof_budgets.split(",") if x]
-    proofs = proof_rates([int(x) for x in args.proof_lengths.split(",")], budgets, args.batch, args.prompts) \
-        if budgets else []
+    if args.proofs_from:  # proof rates do not depend on the 'before' code: reuse a recorded run's rows
+        proofs = json.loads(Path(args.proofs_from).read_text())["proof_rates"]
+    else:
+        proofs = proof_rates([int(x) for x in args.proof_lengths.split(",")], budgets, args.batch, args.prompts) \
+            if budgets else []
     info = {**machine(), "backend": jax.default_backend()}
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
     ratio = after["bare"]["nodes_per_s"] / after["decode"]["tokens_per_s"]
