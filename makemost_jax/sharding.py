@@ -192,12 +192,10 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         >>> spec[1] is None  # "length" is never split; "batch" goes over data x fsdp
         True
     """
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape):
-        target = table.get(name) if name is not None else None
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = _rule_axes(rules, name)
         pieces = (units or {}).get(name, size)
         # Axes of size 1 add nothing; axes already used or not dividing the pieces are skipped.
         mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
@@ -263,12 +261,11 @@ def check_heads_fit(config, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAU
     Example:
         >>> # check_heads_fit(params.config, make_mesh(MeshConfig(data=1, tensor=8)))  # 9 heads: ConfigError
     """
-    target = dict(rules).get("q_heads")
-    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-    size = math.prod(mesh.shape[a] for a in mesh_axes if a in mesh.shape)
+    mesh_axes = [a for a in _rule_axes(rules, "q_heads") if a in mesh.shape]
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
     for stack in (config, config.encoder):
         if stack is not None and stack.n_heads % size:
-            name = "/".join(a for a in mesh_axes if a in mesh.shape)
+            name = "/".join(mesh_axes)
             raise ConfigError(f"mesh axis {name!r} of size {size} does not divide the model's {stack.n_heads} "
                               f"attention heads{' (encoder)' if stack is config.encoder else ''}; tensor "
                               f"parallelism would split a head: use a {name} size that divides {stack.n_heads}")
@@ -331,10 +328,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Sequence[tuple[str, Any]] =
     return NamedSharding(mesh, partition_spec(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
 
 
+def _rule_axes(rules: Sequence[tuple[str, Any]], logical: str | None) -> tuple[str, ...]:
+    """The mesh axes `rules` map the logical axis `logical` to (none for None or an unlisted name)."""
+    target = dict(rules).get(logical) if logical is not None else None
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def _batch_devices(mesh: Mesh, rules) -> int:
-    target = dict(rules).get("batch")
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in _rule_axes(rules, "batch"))
 
 
 def shard_batch(batch, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):

@@ -10,8 +10,9 @@ and phi3; the per-architecture tables and config builders are in `gguf_arch`.
 Dequantization uses the `gguf` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and whatever
 else `gguf.quants.dequantize` supports), one slice at a time: a slice's rows are read
 whole blocks at a time (the quantisation blocks run along each row), dequantised, then
-trimmed, so loading onto a mesh reads about each device's share of the file. For Llama, llama.cpp's converter permutes the
-rows of the Q and K projections (interleaved rotary pairs -> half-split), per head:
+trimmed, so loading onto a mesh reads about each device's share of the file. For Llama,
+llama.cpp's converter permutes the rows of the Q and K projections (interleaved rotary
+pairs -> half-split), per head:
 
     gguf = hf.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(hf.shape)
 
@@ -261,13 +262,11 @@ class GGUFTensor(LazyTensor):
         self.path, self.info = path, info
         self.shape, self.dtype = _shape(info), np.dtype(np.float32)
         self.block, self.block_bytes = GGML_QUANT_SIZES[info.ggml_type]
-        row = self.shape[-1] if self.shape else 1
-        self.blocks_per_row = row // self.block
+        blocks_per_row = (self.shape[-1] if self.shape else 1) // self.block
         # Rows of blocks, as raw bytes: (leading dims..., blocks_per_row * block_bytes).
-        self.raw = FileTensor(path, info.start, (*self.shape[:-1], self.blocks_per_row * self.block_bytes), np.uint8)
+        self.raw = FileTensor(path, info.start, (*self.shape[:-1], blocks_per_row * self.block_bytes), np.uint8)
 
     def _read(self, index):
-
         if not self.shape:
             return self._dequantize(self.raw.read()).reshape(())
         cols = index[-1]

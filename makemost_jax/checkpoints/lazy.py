@@ -221,12 +221,11 @@ class FileTensor(LazyTensor):
             self._gather(index, out)
             return
         flat = memoryview(out.reshape(-1).view(np.uint8))
+        first = self.offset + (index[cut].start * strides[cut] if self.ndim else 0)
         with open(self.path, "rb") as f:
-            fd = f.fileno()
             for k, prefix in enumerate(itertools.product(*(range(s.start, s.stop) for s in index[:cut]))):
-                start = self.offset + sum(i * st for i, st in zip(prefix, strides)) + index[cut].start * strides[cut] \
-                    if self.ndim else self.offset
-                _preadv_exact(fd, flat[k * run:(k + 1) * run], start, self.path)
+                start = first + sum(i * stride for i, stride in zip(prefix, strides))
+                _preadv_exact(f.fileno(), flat[k * run:(k + 1) * run], start, self.path)
 
     def _gather(self, index, out):
         rows = index[0]
@@ -239,8 +238,6 @@ class FileTensor(LazyTensor):
         out.view(bits)[...] = mapped[(slice(None),) + index[1:]]
         del mapped
         _count(out.nbytes)
-
-
 
 
 def transpose_copy(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -394,8 +391,9 @@ def to_device(tensor: LazyTensor, sharding, dtype) -> "jax.Array":  # noqa: F821
         if key not in placed:
             host = tensor.read(index)
             if host.dtype != dtype or host.ctypes.data % 64 or not host.flags.c_contiguous:
-                host, cast = empty(host.shape, dtype), host
-                host[...] = cast
+                aligned = empty(host.shape, dtype)
+                aligned[...] = host  # the cast, into a buffer the CPU client can adopt
+                host = aligned
             placed[key] = jax.device_put(host, device)
             shards.append(placed[key])
         else:

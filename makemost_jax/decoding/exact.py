@@ -422,7 +422,7 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
                     continue
                 prefix, chain = entry[2], entry[-1]
                 # Its own slot: kept from its first evaluation (a continuation), else a fresh one.
-                node_chain = chain if len(chain) == len(prefix) else chain + (book.alloc(),) if prefix else ()
+                node_chain = chain if len(chain) == len(prefix) else chain + (book.alloc(),)
                 questions[i].expanded += 1
                 batch.append((i, entry, node_chain))
                 if len(batch) == batch_size or not book.free:
