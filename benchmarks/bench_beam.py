@@ -30,9 +30,9 @@ Example:
     python benchmarks/bench_beam.py            # ~18 min on 2 busy CPU cores (the GPT-2-small setting: ~14)
     python benchmarks/bench_beam.py --quick    # ~4 min smoke run (tag <backend>_quick)
     python benchmarks/bench_beam.py --gpu      # on a GPU: PyTorch on CUDA, JAX on its default (GPU) backend
-    # JAX on one thread too, against PyTorch on one (XLA's threads are fixed at start-up):
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-        python benchmarks/bench_beam.py --variants gpt2-small-cpu --torch-threads 1 --no-exact --tag cpu_jax1thread
+    # Both frameworks on one core (XLA_FLAGS' thread settings do not confine XLA's matmul
+    # fusions, so the process is pinned instead):
+    taskset -c 0 python benchmarks/bench_beam.py --torch-threads 1 --no-exact --tag cpu_1core
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
             + " | ".join(f"{r['speedup_vs_torch'][n]:.2f}x" if n in r["speedup_vs_torch"] else "-" for n in threads)
             + f" | {r['cbs_over_beam']:.2f}x | {r['same_sequences_fraction']:.0%} | {r['max_score_diff']:.1e} "
             f"| {m['beam']['peak']} / {m['cbs']['peak']} | {r['compiles_during_repeats']} |")
-    lines += ["", ("Goals: JAX / HF >= 1.2x on CPU (>= 5x on a GPU); CBS / beam <= 1.25x. Peak memory: XLA's "
-                   "memory analysis of the compiled search (arguments incl. weights + temporaries + outputs).")]
+    lines += ["", ("Goals (issue 19): JAX / HF >= 1.2x at 1 x 4 beams and >= 1.5x at 8 x 8 on CPU, both given the "
+                   "same cores (>= 5x on a GPU); CBS / beam <= 1.15x. Peak memory: XLA's memory analysis of the "
+                   "compiled search (arguments incl. weights + temporaries + outputs).")]
     if exact:
         e, b = exact, exact["bare_expansion"]
         lines += ["", "## Exact search: length-conditional modes on the default model", "",
@@ -360,7 +361,7 @@ def main(argv=None):
         print(f"exact length modes 0..{exact['max_length']}: {proof}, {exact['nodes_expanded']} nodes; "
               f"bare expansion {b['nodes_per_s']:.0f} nodes/s")
     for r in rows:
-        print(f"{r['variant']}: CBS / beam {r['cbs_over_beam']:.2f}x (goal <= 1.25x); same sequences as HF "
+        print(f"{r['variant']}: CBS / beam {r['cbs_over_beam']:.2f}x (goal <= 1.15x); same sequences as HF "
               f"{r['same_sequences_fraction']:.0%}")
         for n, x in r["speedup_vs_torch"].items():
             print(f"{r['variant']}: JAX / HF generate speed-up (PyTorch {n} thread{'s' * (n > 1)}) {x:.2f}x")

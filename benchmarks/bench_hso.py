@@ -82,7 +82,8 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
         return jnp.asarray(np.stack([t.permute(0, 2, 1, 3).numpy() for t in per_layer]))
 
     kv = (to_jax(state_t.keys), to_jax(state_t.values))
-    state = HSOState(past=kv, base=None, valid=jnp.ones((batch, cache), bool), fill=jnp.int32(cache),
+    state = HSOState(past=kv, base=None, positions=jnp.broadcast_to(jnp.arange(cache, dtype=jnp.int32), (batch, cache)),
+                     fill=jnp.int32(cache),
                      next_position=jnp.full((batch,), cache, jnp.int32), adam=None)
     seg = Segments(inputs=jnp.asarray(inputs, jnp.int32), targets=jnp.asarray(targets, jnp.int32),
                    weights=jnp.ones((batch, segment), jnp.float32), mask=jnp.ones((batch, segment), bool))

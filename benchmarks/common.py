@@ -44,7 +44,7 @@ def load_average() -> float | None:
 def machine() -> dict:
     """A description of where the numbers were measured (PyTorch's part only when it is imported)."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__, "jax_backend": jax.default_backend(),
             "jax_device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_at_start": load_average()}
     if jax.default_backend() != "cpu":
@@ -62,7 +62,9 @@ def machine() -> dict:
 
 def machine_line(info: dict) -> str:
     """One Markdown line naming the machine, for the top of a results file."""
-    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
+    usable = info.get("cores_usable", info["cpu_count"])
+    pinned = f", this process pinned to {usable}" if usable < info["cpu_count"] else ""
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores{pinned})"
     torch = f", torch {info['torch']} ({info['torch_threads']} threads)" if "torch" in info else ""
     return (f"Machine: {where}, JAX {info['jax']} on {info['jax_backend']}{torch}; {info['date']}, load average "
             f"{info['load_average_at_start']} at start.")

@@ -55,9 +55,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decode_step, decoder_inputs, prefill
+from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decode_step, decoder_inputs, prefill_forward
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, cache_size, init_cache, repeat_rows
+from makemost_jax.models.cache import KVCache, cache_size, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -97,12 +97,9 @@ class _Static:
 
 def _prefill(params: Params, inputs: DecoderInputs, size: int, layer: int | None):
     """Prompt (and source) into a fresh cache; (cache, last logits (B, V), last hidden (B, D) or None)."""
-    if layer is None:
-        return (*prefill(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask), None)
-    cache = init_cache(params.config, inputs.prompts.shape[0], size, params.dtype)
-    out = forward(params, inputs.prompts, cache=cache, mask=inputs.prompt_mask, return_hidden=True,
-                  encoder_tokens=inputs.sources, encoder_mask=inputs.source_mask, logits_at=-1)
-    return out.cache, out.logits[:, 0], out.hidden[layer][:, -1]
+    out = prefill_forward(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask,
+                          return_hidden=layer is not None)
+    return out.cache, out.logits[:, 0], None if layer is None else out.hidden[layer][:, -1]
 
 
 def _step(params: Params, cache: KVCache, tokens_R, layer: int | None):
@@ -113,13 +110,18 @@ def _step(params: Params, cache: KVCache, tokens_R, layer: int | None):
     return out.cache, out.logits[:, 0], out.hidden[layer][:, 0]
 
 
-def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
-    """Each beam's keys/values from slot `start` on become those of its parent beam (same prompt).
+GATHER_BLOCK = 8  # cache slots a beam step moves at a time
 
-    The slots before `start` hold the prompt, the same for every beam of a prompt: moving
-    them would only cost memory traffic (the gather is a large part of a step on CPU). The
-    slots' positions and an encoder-decoder's source are the same for every beam of a
-    prompt as well: they are never gathered.
+
+def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int, filled) -> KVCache:
+    """Each beam's keys/values of slots [start, start + filled) become those of its parent beam.
+
+    The slots before `start` hold the prompt, the same for every beam of a prompt, and
+    the slots after the filled ones are empty: moving either would only cost memory
+    traffic (the gather is a large part of a step on CPU). So the filled slots move in
+    blocks of `GATHER_BLOCK` (the cache has whole blocks after `start`); `start=0` (a
+    rolling cache) moves every slot. The slots' positions and an encoder-decoder's
+    source are the same for every beam of a prompt: they are never gathered.
     """
     b, k = parent_BK.shape
     if mode == "take":
@@ -137,8 +139,14 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int) -> KVCache:
             return y.reshape(x.shape[0], b * k, *x.shape[3:])
     if start == 0:
         return dataclasses.replace(cache, k=gather(cache.k), v=gather(cache.v))
-    return dataclasses.replace(cache, k=cache.k.at[:, :, start:].set(gather(cache.k[:, :, start:])),
-                               v=cache.v.at[:, :, start:].set(gather(cache.v[:, :, start:])))
+
+    def block(i, kv):
+        at = start + i * GATHER_BLOCK
+        return tuple(jax.lax.dynamic_update_slice_in_dim(
+            x, gather(jax.lax.dynamic_slice_in_dim(x, at, GATHER_BLOCK, axis=2)), at, axis=2) for x in kv)
+
+    k_, v_ = jax.lax.fori_loop(0, (filled + GATHER_BLOCK - 1) // GATHER_BLOCK, block, (cache.k, cache.v))
+    return dataclasses.replace(cache, k=k_, v=v_)
 
 
 def _normalise(logp, length, length_penalty, length_norm: str):
@@ -181,8 +189,11 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
 
     # The loop feeds N-1 tokens after the prompt (the last step only selects).
     size = cache_size(params.config, t, t + n - 1)
-    # A rolling cache overwrites the prompt's slots, so beams then gather all slots.
+    # A rolling cache overwrites the prompt's slots, so beams then gather all slots;
+    # otherwise they gather only the filled ones after the prompt, in whole blocks.
     shared_slots = t if size == t + n - 1 else 0
+    if shared_slots:
+        size = t + -(-(n - 1) // GATHER_BLOCK) * GATHER_BLOCK
     cache, logits_BV, hidden_BD = _prefill(params, inputs, size, layer)
     repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
     cache = repeat_rows(cache, k)
@@ -266,7 +277,7 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
         return (s["step"] < n) & ~jnp.all(s["done"])
 
     def feed(s, parent_BK, token_BK):
-        cache = _gather_cache(s["cache"], parent_BK, static.gather, shared_slots)
+        cache = _gather_cache(s["cache"], parent_BK, static.gather, shared_slots, s["step"])
         cache, logits, hidden = _step(params, cache, token_BK.reshape(r), layer)
         return dict(s, cache=cache, logits=logits, hidden=hidden)
 

@@ -68,9 +68,9 @@ from makemost_jax.checkpoints.bundle import read_bundle_meta, restore_bundle, sa
 from makemost_jax.decoding.attributes import Attribute, parse_attribute
 from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.exact import exact_mode
-from makemost_jax.decoding.sampling import decoder_inputs, generate, generate_text
+from makemost_jax.decoding.sampling import decoder_inputs, generate, generate_text, prefill_forward
 from makemost_jax.errors import CheckpointError, ConfigError, InputError
-from makemost_jax.models.cache import init_cache, repeat_rows
+from makemost_jax.models.cache import repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -297,9 +297,8 @@ def _label_and_hidden(params, prompt_UT, mask_UT, source_US, source_mask_US, tok
     labels_B = attribute.accepts(prompt_BT, mask_BT, tokens_BN, lengths_B - ended_B.astype(jnp.int32))
     prefix_labels_NB = jax.vmap(lambda t: attribute.accepts(prompt_BT, mask_BT, tokens_BN, jnp.full((b,), t)))(
         jnp.arange(n))
-    cache = init_cache(params.config, u, t + n, params.dtype)
-    first = forward(params, prompt_UT, cache=cache, mask=mask_UT, return_hidden=True, encoder_tokens=source_US,
-                    encoder_mask=source_mask_US, logits_at=-1)  # only the hidden states are read
+    first = prefill_forward(params, prompt_UT, mask_UT, t + n, source_US, source_mask_US,
+                            return_hidden=True)  # only the hidden states are read
     cache = repeat_rows(first.cache, b // u)
     # Tokens after a row's EOS are padding at the end: they cannot affect earlier positions.
     rest = forward(params, tokens_BN, cache=cache, return_hidden=True, logits_at=-1)

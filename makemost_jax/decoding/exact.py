@@ -126,14 +126,14 @@ class _Plan:
 
 
 @functools.partial(jax.jit, static_argnames=("children", "eos_id"), donate_argnames=("pool",))
-def _expand(params: Params, cache: KVCache, pool, root_logits_QV, rows_E, tokens_E, chain_EA, lengths_E, slots_E,
+def _expand(params: Params, cache: KVCache, pool, rows_E, tokens_E, chain_EA, lengths_E, slots_E,
             after_logp_E, after_id_E, *, children: int, eos_id: int):
     """Next-token log-probs of E prefixes, each after the prompt (and source) of its question `rows_E`.
 
     A prefix of length d >= 1 runs only its last token `tokens_E`, after its d - 1 ancestors,
     whose keys/values are gathered from `pool` ((k, v), each (L, N, G, K)) at the slots
     `chain_EA` (right-aligned, -1 padding); its own key/value is written to `pool` at `slots_E`.
-    The empty prefix's distribution is the prompt's own (`root_logits_QV`).
+    Rows of length 0 are padding (the empty prefix is expanded on the host).
 
     Returns (the pool, log p(EOS) (E,), the next `children` non-EOS tokens in (log-prob desc,
     id asc) order after the key (after_logp, after_id): values (E, C), ids (E, C)).
@@ -156,11 +156,11 @@ def _expand(params: Params, cache: KVCache, pool, root_logits_QV, rows_E, tokens
                                fill=jnp.asarray(start + a, jnp.int32))
     out = forward(params, tokens_E[:, None], cache=rows, positions=(prompt_E + jnp.maximum(lengths_E - 1, 0))[:, None],
                   logits_at=0)
-    # Rows of the empty prefix write nowhere (an out-of-range slot is dropped).
+    # Padding rows write nowhere (an out-of-range slot is dropped).
     target_E = jnp.where(lengths_E > 0, slots_E, pool_k.shape[1])
     pool = tuple(p.at[:, target_E].set(new[:, :, start + a], mode="drop")
                  for p, new in ((pool_k, out.cache.k), (pool_v, out.cache.v)))
-    logp_EV = jax.nn.log_softmax(jnp.where(lengths_E[:, None] == 0, root_logits_QV[rows_E], out.logits[:, 0]), axis=-1)
+    logp_EV = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])
     after_EV = (logp_EV < after_logp_E[:, None]) | (
         (logp_EV == after_logp_E[:, None]) & (ids_V[None] > after_id_E[:, None]))
@@ -168,6 +168,25 @@ def _expand(params: Params, cache: KVCache, pool, root_logits_QV, rows_E, tokens
     choices_EV = ban_pad(params.config, jnp.where(after_EV & (ids_V[None] != eos_id), logp_EV, -jnp.inf))
     values_EC, ids_EC = jax.lax.top_k(choices_EV, children)
     return pool, logp_EV[:, eos_id], values_EC, ids_EC
+
+
+class _RootChildren:
+    """The empty prefix's expansion on the host: the prompt's next-token distribution is known after
+    the prefill, so its children (in chunks, as a continuation asks) need no model call."""
+
+    def __init__(self, params: Params, root_logits_QV, eos_id: int, n_children: int):
+        logp_QV = np.asarray(jax.device_get(jax.jit(jax.nn.log_softmax)(root_logits_QV)))
+        self.eos_Q = logp_QV[:, eos_id].tolist()
+        choices_QV = np.array(ban_pad(params.config, jnp.asarray(logp_QV)))
+        choices_QV[:, eos_id] = -np.inf
+        # (log-prob desc, id asc): the order `_expand`'s top_k gives.
+        self.order_QV = np.stack([np.lexsort((np.arange(row.size), -row)) for row in choices_QV])
+        self.choices_QV, self.n = choices_QV, n_children
+
+    def children(self, question: int, emitted: int) -> tuple[float, list[float], list[int]]:
+        """(log p(EOS), the next n children's log-probs and ids) after `emitted` children were passed on."""
+        ids = self.order_QV[question, emitted:emitted + self.n]
+        return self.eos_Q[question], self.choices_QV[question, ids].tolist(), ids.tolist()
 
 
 class _Pool:
@@ -408,11 +427,13 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
                                          inputs.source_mask))
     for q in questions:  # the seed alone may already prove a result
         q.settle(time.perf_counter() - t0)
+    root = _RootChildren(params, root_logits_QV, eos_id, n_children)
 
     ancestors = width - 1
     while True:
         # Fill one batch from the unfinished questions in turn, within each one's budget and the pool.
         batch: list[tuple[int, tuple, tuple]] = []
+        on_host = set()
         active = [i for i, q in enumerate(questions) if not q.done and q.expanded < node_budget]
         while active and len(batch) < batch_size and book.free:
             for i in list(active):
@@ -421,6 +442,14 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
                     active.remove(i)
                     continue
                 prefix, chain = entry[2], entry[-1]
+                if not prefix:  # its children come from the prompt's distribution, already known
+                    questions[i].expanded += 1
+                    questions[i].take(entry, (), *root.children(i, entry[6]), n_children, vocab)
+                    if any(j == i for j, _, _ in batch):  # settled only once its entries in flight are back
+                        on_host.add(i)
+                    else:
+                        questions[i].settle(time.perf_counter() - t0)
+                    continue
                 # Its own slot: kept from its first evaluation (a continuation), else a fresh one.
                 node_chain = chain if len(chain) == len(prefix) else chain + (book.alloc(),)
                 questions[i].expanded += 1
@@ -445,7 +474,7 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
                 if len(prefix) > 1:
                     chain_EA[e, ancestors - len(prefix) + 1:] = node_chain[:-1]
         pool, eos_E, values_EC, ids_EC = _expand(
-            params, cache, pool, root_logits_QV, rows_E, tokens_E, chain_EA, lengths_E, slots_E, after_logp_E,
+            params, cache, pool, rows_E, tokens_E, chain_EA, lengths_E, slots_E, after_logp_E,
             after_id_E, children=n_children, eos_id=eos_id)
         eos_E, values_EC, ids_EC = jax.device_get((eos_E, values_EC, ids_EC))
         for e, (i, entry, node_chain) in enumerate(batch):
@@ -455,7 +484,7 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
             book.unref(entry[-1])
             book.unref(node_chain)
         now = time.perf_counter() - t0
-        for i in {i for i, _, _ in batch}:
+        for i in {i for i, _, _ in batch} | on_host:
             questions[i].settle(now)
 
     total = time.perf_counter() - t0
@@ -466,7 +495,7 @@ def _search(params: Params, inputs: DecoderInputs, plan: _Plan, *, eos_id: int, 
 
 def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
                source_mask=None, eos_id: int | None = None, max_length: int = 16, length: int | None = None,
-               node_budget: int = 10_000, batch_size: int = 64, children: int = 16, order: str = "depth",
+               node_budget: int = 10_000, batch_size: int = 64, children: int = 64, order: str = "depth",
                stop_at_max_length: bool = False, seed_beams: int = 4,
                kv_budget_bytes: int = DEFAULT_KV_BUDGET) -> ModeResult | list[ModeResult]:
     """The most likely continuation of `prompt` (optionally among outputs of exactly `length` tokens).
@@ -517,7 +546,7 @@ def exact_mode(params: Params, prompt: Sequence[int] | None = None, *, prompts=N
 
 def exact_length_modes(params: Params, prompt: Sequence[int] | None = None, *, prompts=None, sources=None,
                        source_mask=None, eos_id: int | None = None, max_length: int = 16, node_budget: int = 10_000,
-                       batch_size: int = 64, children: int = 16, order: str = "depth",
+                       batch_size: int = 64, children: int = 64, order: str = "depth",
                        seed_beams: int = 4, kv_budget_bytes: int = DEFAULT_KV_BUDGET
                        ) -> list[ModeResult] | list[list[ModeResult]]:
     """The mode at every output length 0..max_length, in one search (element l: length l).

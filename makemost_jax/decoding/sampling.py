@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, cache_size, init_cache
+from makemost_jax.models.cache import KVCache, cache_size, extend_slots, init_cache
 from makemost_jax.models.layers import rotary_switch_length
 from makemost_jax.models.model import forward
-from makemost_jax.models.types import Params
+from makemost_jax.models.types import ModelOutput, Params
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this
 
@@ -180,6 +180,21 @@ def ban_pad(cfg, scores_BV):
     return scores_BV.at[:, cfg.pad_token_id].set(-jnp.inf)
 
 
+def prefill_forward(params: Params, prompts_BT, mask_BT, cache_size: int, sources_BS=None, source_mask_BS=None,
+                    return_hidden: bool = False) -> ModelOutput:
+    """`forward` of left-padded prompts (and, for an encoder-decoder, their sources) whose cache
+    has `cache_size` slots: the prompt's, then empty ones for the tokens to come.
+
+    The prompt attends only to itself (no empty slots are read); logits at the last position.
+
+    Example:
+        >>> # out = prefill_forward(params, tokens_BT, mask_BT, tokens_BT.shape[1] + 32, return_hidden=True)
+    """
+    out = forward(params, prompts_BT, mask=mask_BT, encoder_tokens=sources_BS, encoder_mask=source_mask_BS,
+                  logits_at=-1, return_hidden=return_hidden)
+    return dataclasses.replace(out, cache=extend_slots(out.cache, cache_size - prompts_BT.shape[1]))
+
+
 def prefill(params: Params, prompts_BT, mask_BT, cache_size: int, sources_BS=None,
             source_mask_BS=None) -> tuple[KVCache, jax.Array]:
     """Run left-padded prompts (and, for an encoder-decoder, their sources) into a fresh cache of
@@ -190,10 +205,7 @@ def prefill(params: Params, prompts_BT, mask_BT, cache_size: int, sources_BS=Non
     Example:
         >>> # cache, logits_BV = prefill(params, tokens_BT, mask_BT, tokens_BT.shape[1] + 32)
     """
-    b = prompts_BT.shape[0]
-    cache = init_cache(params.config, b, cache_size, params.dtype)
-    out = forward(params, prompts_BT, cache=cache, mask=mask_BT, encoder_tokens=sources_BS,
-                  encoder_mask=source_mask_BS, logits_at=-1)
+    out = prefill_forward(params, prompts_BT, mask_BT, cache_size, sources_BS, source_mask_BS)
     return out.cache, out.logits[:, 0]
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.hso.lm import HSOConfig, HSOState, Segments, raise_if_not_finite, run_segments
-from makemost_jax.models.cache import KVCache, extend_slots, repeat_rows
+from makemost_jax.models.cache import KVCache, repeat_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -176,12 +176,11 @@ def demonstration_segments(tokenizer, demos: Sequence[dict], fmt: PromptFormat, 
 def _label_logprobs(params: Params, cache: KVCache, inputs_QT, mask_QT, targets_JQT, weights_JQT):
     """Sum of weighted target log-probs (J, Q) for queries read after the shared cache.
 
-    The cache (batch 1) is broadcast to the Q rows and extended by T slots.
+    The cache (batch 1) is broadcast to the Q rows and only read.
     """
-    q, t = inputs_QT.shape
-
-    rows = extend_slots(repeat_rows(cache, q), t)
-    logp_QTV = jax.nn.log_softmax(forward(params, inputs_QT, cache=rows, mask=mask_QT).logits, axis=-1)
+    rows = repeat_rows(cache, inputs_QT.shape[0])
+    logp_QTV = jax.nn.log_softmax(forward(params, inputs_QT, cache=rows, mask=mask_QT, write_cache=False).logits,
+                                  axis=-1)
     logp_JQT = jnp.take_along_axis(logp_QTV[None], targets_JQT[..., None], axis=-1)[..., 0]
     return jnp.sum(logp_JQT * weights_JQT, axis=-1)
 

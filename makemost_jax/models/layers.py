@@ -288,11 +288,10 @@ class Attention(nnx.Module):
         if "inv_freq" in layer:
             q_BTHK = apply_rotary(q_BTHK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
             k_BTGK = apply_rotary(k_BTGK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
-        if k_BSGK is None:  # encoder or fresh prefill: attend to the input itself
-            k_BSGK, v_BSGK = k_BTGK, v_BTGK
-        else:
-            k_BSGK = write_slots(k_BSGK, k_BTGK, ctx["slots"])
-            v_BSGK = write_slots(v_BSGK, v_BTGK, ctx["slots"])
+        # The cache is only read here: its keys come first, the input's own after them, and
+        # `forward` writes the new keys into the cache once, after all layers.
+        keys = (k_BTGK,) if k_BSGK is None else (k_BSGK, k_BTGK)
+        values = (v_BTGK,) if v_BSGK is None else (v_BSGK, v_BTGK)
         if a.scale_by_inverse_layer:
             q_BTHK = q_BTHK / (layer["index"] + 1).astype(q_BTHK.dtype)
         attend_BTS = ctx["attend"]
@@ -300,8 +299,8 @@ class Attention(nnx.Module):
             near_BTS = ctx["positions"][:, :, None] - ctx["key_positions"][:, None, :] < layer["window"]
             attend_BTS = attend_BTS & near_BTS
         scale = 1.0 / math.sqrt(k) if a.scale is None else a.scale
-        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale, extra, a.softcap, ctx.get("bias"))
-        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BSGK, v_BSGK
+        out_BTHK = attention(q_BTHK, keys, values, attend_BTS, scale, extra, a.softcap, ctx.get("bias"))
+        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BTGK, v_BTGK
 
     def attend_source(self, cfg: ModelConfig, x_BTD, k_BSGK, v_BSGK, attend_BTS):
         """Cross-attention: queries from `x`, keys/values of the encoded source (`project_source`)."""
@@ -367,17 +366,18 @@ def relative_bias(cfg: ModelConfig, table_NH, query_positions_BT, key_positions_
     return jnp.moveaxis(table_NH[buckets_BTS], -1, 1)
 
 
-def write_slots(buffer_BSGK, new_BTGK, slots_T):
-    """`new` written into `buffer` at slots `slots_T` (consecutive modulo the size).
+def write_slots(buffer, new, slots_T, axis: int = 1):
+    """`new` written into `buffer` at slots `slots_T` (consecutive modulo the size) of `axis`.
 
     Example:
         >>> write_slots(jnp.zeros((1, 3, 1, 1)), jnp.ones((1, 2, 1, 1)), jnp.array([2, 0]))[0, :, 0, 0].tolist()
         [1.0, 0.0, 1.0]
     """
-    new_BTGK = new_BTGK.astype(buffer_BSGK.dtype)
-    if new_BTGK.shape[1] == 1:  # one decode step: a cheap in-place update
-        return jax.lax.dynamic_update_slice_in_dim(buffer_BSGK, new_BTGK, slots_T[0], 1)
-    return buffer_BSGK.at[:, slots_T].set(new_BTGK, unique_indices=True)
+    new = new.astype(buffer.dtype)
+    if new.shape[axis] == 1:  # one decode step: a cheap in-place update
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, slots_T[0], axis)
+    index = (slice(None),) * axis + (slots_T,)
+    return buffer.at[index].set(new, unique_indices=True)
 
 
 def _use_cudnn(dtype) -> bool:
@@ -393,8 +393,11 @@ def _use_cudnn(dtype) -> bool:
 def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
-    `attend_BTS` is a boolean mask; None means plain causal attention over the
-    queries' own keys (S == T), where a fused kernel can be used.
+    The keys and values may come in parts, a tuple of (B, S_i, G, K) arrays each (a
+    cache and the new tokens' own): one softmax runs over all S = sum S_i keys, in the
+    parts' order, without joining them into one buffer (which would copy the cache).
+    `attend_BTS` is a boolean mask over those S keys; None means plain causal attention
+    over the queries' own keys (S == T), where a fused kernel can be used.
 
     `softcap`, optional, squashes the scores to (-softcap, softcap) (Gemma 2).
     `bias_BHTS`, optional, is added to the scaled scores (T5's relative positions; B may be 1).
@@ -409,12 +412,17 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
         >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 3, 2, 8))
         >>> attention(q, kv, kv, None, 8 ** -0.5).shape
         (1, 3, 4, 8)
+        >>> cache = jnp.ones((1, 5, 2, 8)); mask = jnp.ones((1, 3, 8), bool)
+        >>> attention(q, (cache, kv), (cache, kv), mask, 8 ** -0.5).shape   # 5 cached + 3 own keys
+        (1, 3, 4, 8)
     """
+    keys = k_BSGK if isinstance(k_BSGK, tuple) else (k_BSGK,)
+    values = v_BSGK if isinstance(v_BSGK, tuple) else (v_BSGK,)
     b, t, h, k = q_BTHK.shape
-    g = k_BSGK.shape[2]
+    g = keys[0].shape[2]
     if attend_BTS is None:
-        if extra is None and softcap is None and bias_BHTS is None and _use_cudnn(q_BTHK.dtype):
-            return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
+        if len(keys) == 1 and extra is None and softcap is None and bias_BHTS is None and _use_cudnn(q_BTHK.dtype):
+            return jax.nn.dot_product_attention(q_BTHK, keys[0], values[0], scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
     r = h // g
@@ -422,10 +430,13 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     # Fold the R query heads that share a key/value head into the query axis: one plain
     # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
     q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
-    k_BGSK = k_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
-    v_BGSK = v_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
-    scores_BGRTS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK,
-                              preferred_element_type=wide).reshape(b, g, r, t, -1) * scale
+
+    def heads_first(x_BSGK):
+        return x_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
+
+    scores_BGRTS = jnp.concatenate([jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, heads_first(k_part),
+                                               preferred_element_type=wide) for k_part in keys],
+                                   axis=-1).reshape(b, g, r, t, -1) * scale
     if bias_BHTS is not None:
         scores_BGRTS = scores_BGRTS + bias_BHTS.reshape(bias_BHTS.shape[0], g, r, t, -1).astype(wide)
     if softcap is not None:
@@ -435,11 +446,15 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     # Softmax with the normalisation applied after the value product: one pass less
     # over the (T, S) scores. The max shift cancels exactly, so it carries no gradient.
     shift_BGRT1 = jax.lax.stop_gradient(scores_BGRTS.max(axis=-1, keepdims=True))
-    weights_BGRTS = jnp.exp(scores_BGRTS - shift_BGRT1)
-    num_BGQK = jnp.einsum("bgqs,bgsk->bgqk", weights_BGRTS.reshape(b, g, r * t, -1).astype(v_BGSK.dtype),
-                          v_BGSK, preferred_element_type=wide)
+    weights_BGQS = jnp.exp(scores_BGRTS - shift_BGRT1).reshape(b, g, r * t, -1)
+    num_BGQK, start = 0, 0
+    for v_part in values:
+        width = v_part.shape[1]
+        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", weights_BGQS[..., start:start + width].astype(q_BTHK.dtype),
+                                         heads_first(v_part), preferred_element_type=wide)
+        start += width
     num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
-    den_BGRT1 = weights_BGRTS.sum(axis=-1, keepdims=True)
+    den_BGRT1 = weights_BGQS.sum(axis=-1).reshape(b, g, r, t, 1)
     out_BGRTK = num_BGRTK / den_BGRT1
     if extra is not None:
         out_BGRTK = _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, *extra, scale,
@@ -520,23 +535,23 @@ class Block(nnx.Module):
 
     def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None, source=None):
         def attn(h_BTD):
-            return self.attn(cfg, h_BTD, ctx, layer, k_BSGK, v_BSGK, extra)
+            return self.attn(cfg, h_BTD, ctx, layer, k_BSGK, v_BSGK, extra)  # (out, the input's own k, v)
 
         placement = cfg.norm.placement
         if placement == "post":  # BERT, BART, Marian, OPT without layer_norm_before
-            a_BTD, k_BSGK, v_BSGK = attn(x_BTD)
+            a_BTD, k_BTGK, v_BTGK = attn(x_BTD)
             x_BTD = self._cross(cfg, self.attn_norm(x_BTD + a_BTD), ctx, source)
-            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BSGK, v_BSGK
-        a_BTD, k_BSGK, v_BSGK = attn(self.attn_norm(x_BTD))
+            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BTGK, v_BTGK
+        a_BTD, k_BTGK, v_BTGK = attn(self.attn_norm(x_BTD))
         if cfg.norm.parallel:  # GPT-NeoX: both sub-layers read the block input
-            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BSGK, v_BSGK
+            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BTGK, v_BTGK
         if placement == "sandwich":
             a_BTD = self.post_attn_norm(a_BTD)
         x_BTD = self._cross(cfg, x_BTD + a_BTD, ctx, source)
         m_BTD = self.mlp(cfg, self.mlp_norm(x_BTD))
         if placement == "sandwich":
             m_BTD = self.post_mlp_norm(m_BTD)
-        return x_BTD + m_BTD, k_BSGK, v_BSGK
+        return x_BTD + m_BTD, k_BTGK, v_BTGK
 
 
 # Logical axes of every Block parameter (without the leading "layers" axis). A parameter
@@ -616,18 +631,18 @@ def init_block_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> d
     return jax.tree.map(lambda w: w.astype(dtype), weights)
 
 
-def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None, slots_T=None) -> dict:
+def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None) -> dict:
     """What every layer's attention needs besides its weights.
 
     `attend_BTS`: which keys each query may see before any sliding window (None: plain
-    causal over the queries themselves); `key_positions_BS`: each key slot's position (for
-    windows); `slots_T`: the cache slots the new keys are written to.
+    causal over the queries themselves); `key_positions_BS`: each key's position (for
+    windows and relative biases), the cache's slots first, then the queries' own keys.
 
     Example:
-        >>> # ctx = attention_context(positions_BT, attend_BTS, cache.positions, slots_T)
+        >>> # ctx = attention_context(positions_BT, attend_BTS, key_positions_BS)
     """
     return {"positions": positions_BT, "attend": attend_BTS,
-            "key_positions": positions_BT if key_positions_BS is None else key_positions_BS, "slots": slots_T}
+            "key_positions": positions_BT if key_positions_BS is None else key_positions_BS}
 
 
 def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=None, v_LBSGK=None,
@@ -635,7 +650,9 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
 
     `ctx` comes from `attention_context`. `k_LBSGK`/`v_LBSGK` are the cache buffers (None
-    for encoders and fresh prefills). Per-layer settings (index, sliding window, rotary
+    for encoders and fresh prefills), only read: the returned k, v (L, B, T, G, K) are the
+    input tokens' own, for the caller to write into its cache once (writing inside the
+    scan would copy the whole cache at every layer). Per-layer settings (index, sliding window, rotary
     frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
     `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
     query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
@@ -658,12 +675,12 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
-        y_BTD, k_BSGK, v_BSGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra, source)
-        return y_BTD, (k_BSGK, v_BSGK, y_BTD if return_hidden else None)
+        y_BTD, k_BTGK, v_BTGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra, source)
+        return y_BTD, (k_BTGK, v_BTGK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
-    x_BTD, (k_LBSGK, v_LBSGK, hidden_LBTD) = jax.lax.scan(
+    x_BTD, (k_LBTGK, v_LBTGK, hidden_LBTD) = jax.lax.scan(
         step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv, source_kv))
-    return x_BTD, k_LBSGK, v_LBSGK, hidden_LBTD
+    return x_BTD, k_LBTGK, v_LBTGK, hidden_LBTD

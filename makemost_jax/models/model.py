@@ -48,6 +48,7 @@ from makemost_jax.models.layers import (
     project_source,
     relative_bias,
     run_blocks,
+    write_slots,
 )
 from makemost_jax.models.registry import family_for
 from makemost_jax.models.types import ModelOutput, Params
@@ -286,7 +287,7 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_inputs(cfg: ModelConfig, tokens_BT, cache):
+def _check_inputs(cfg: ModelConfig, tokens_BT, cache, write_cache: bool = True):
     """Raise `InputError` for shapes and values that would silently go wrong.
 
     Value checks run only on concrete arrays (outside `jit`); shape checks always.
@@ -295,6 +296,8 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache):
     if cache is not None:
         if cache.batch != tokens_BT.shape[0]:
             raise InputError(f"cache has batch {cache.batch} but tokens have batch {tokens_BT.shape[0]}")
+        if not write_cache:  # only read: the new tokens need no room
+            return
         t, window = tokens_BT.shape[1], cfg.uniform_window
         # A full cache keeps rolling only where every layer slides over one window that
         # the cache holds together with this call's tokens.
@@ -417,7 +420,8 @@ def _resolve_source(params: Params, cache, source, encoder_tokens, encoder_mask)
 
 def forward(params: Params, tokens, cache: KVCache | None = None, positions=None, mask=None,
             token_types=None, return_hidden: bool = False, extra_kv=None, encoder_tokens=None,
-            encoder_mask=None, source: EncodedSource | None = None, logits_at=None) -> ModelOutput:
+            encoder_mask=None, source: EncodedSource | None = None, logits_at=None,
+            write_cache: bool = True) -> ModelOutput:
     """Run the model on `tokens` (B, T); a pure function of its arguments.
 
     Decoders write the new tokens' keys/values into `cache` at slots fill, fill+1, ...
@@ -436,6 +440,10 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     Gates of 0 leave the model exactly unchanged; the recurrence memory
     (`makemost_jax.recurrence`) enters this way, with gates that start at 0.
 
+    `write_cache=False` only reads `cache`: every cached slot stays visible (none is
+    overwritten, so no room is needed for the input), and the returned cache holds the
+    input's own keys/values (T slots) for the caller to place (HSO appends them itself).
+
     `logits_at`, optional, computes the output layer only where it is needed: an index
     into T per row (B,) or one for all rows (e.g. -1, the last), giving logits (B, 1, V).
     The vocabulary projection is the largest matmul of small models; a search that reads
@@ -453,7 +461,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     cfg = params.config
     weights = params.weights
     tokens_BT = jnp.asarray(tokens)
-    _check_inputs(cfg, tokens_BT, cache)
+    _check_inputs(cfg, tokens_BT, cache, write_cache)
     b, t = tokens_BT.shape
     mask_BT = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask_BT.shape != (b, t):
@@ -482,24 +490,33 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
             positions = jnp.maximum(cache.next_position[:, None] + counts_BT, 0)
         positions_BT = jnp.asarray(positions, jnp.int32)
         _check_positions(cfg, positions_BT)
-        slots_T = (cache.fill + jnp.arange(t, dtype=jnp.int32)) % cache.size
-        key_positions_BS = cache.positions.at[:, slots_T].set(jnp.where(mask_BT, positions_BT, -1))
+        new_positions_BT = jnp.where(mask_BT, positions_BT, -1)
         if plain_causal:
             ctx = attention_context(positions_BT)
         elif fresh:  # attend to the input itself: no empty slots to read
             attend_BTT = (mask_BT[:, None, :] & (positions_BT[:, None, :] <= positions_BT[:, :, None])
                           & jnp.tril(jnp.ones((t, t), bool)))
-            ctx = attention_context(positions_BT, attend_BTT, jnp.where(mask_BT, positions_BT, -1))
+            ctx = attention_context(positions_BT, attend_BTT, new_positions_BT)
         else:
+            # Keys: the cache's slots (those this call overwrites hidden), then the input's own.
+            slots_T = (cache.fill + jnp.arange(t, dtype=jnp.int32)) % cache.size
+            kept_S = jnp.ones((cache.size,), bool).at[slots_T].set(not write_cache)
+            key_positions_BS = jnp.concatenate([jnp.where(kept_S, cache.positions, -1), new_positions_BT], axis=1)
             attend_BTS = (key_positions_BS[:, None, :] >= 0) & (key_positions_BS[:, None, :] <= positions_BT[:, :, None])
-            ctx = attention_context(positions_BT, attend_BTS, key_positions_BS, slots_T)
+            ctx = attention_context(positions_BT, attend_BTS, key_positions_BS)
         ctx = add_source_and_bias(ctx, ctx["key_positions"])
         x0_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types)
         buffers = (None, None) if fresh else (cache.k, cache.v)
-        x_BTD, k, v, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden, extra_kv,
-                                         source_kv)
-        new_cache = KVCache(k=k, v=v, positions=key_positions_BS, fill=cache.fill + t,
-                            next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32), source=source)
+        x_BTD, k_LBTGK, v_LBTGK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
+                                                     extra_kv, source_kv)
+        if fresh or not write_cache:
+            k, v, key_positions_BS = k_LBTGK, v_LBTGK, new_positions_BT
+        else:  # one write of every layer's new keys into the cache
+            k, v = (write_slots(buffer, new, slots_T, axis=2) for buffer, new in ((cache.k, k_LBTGK), (cache.v, v_LBTGK)))
+            key_positions_BS = cache.positions.at[:, slots_T].set(new_positions_BT)
+        new_cache = KVCache(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), positions=key_positions_BS,
+                            fill=jnp.int32(t) if fresh or not write_cache else cache.fill + t, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
+                            source=source)
     else:
         if cache is not None:
             raise InputError(f"{cfg.hf_model_type} is an encoder and takes no cache; pass cache=None")
