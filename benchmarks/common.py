@@ -44,7 +44,8 @@ def load_average() -> float | None:
 def machine() -> dict:
     """A description of where the numbers were measured (PyTorch's part only when it is imported)."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
             "jax_device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_at_start": load_average()}
     if jax.default_backend() != "cpu":

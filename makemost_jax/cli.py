@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-budget", type=int, default=2000,
                    help="stop after expanding this many prefixes (default 2000); the result then is not proved")
     p.add_argument("--batch-size", type=int, default=32, help="prefixes expanded per model call (default 32)")
-    p.add_argument("--children", type=int, default=64, help="next tokens passed on per expansion (default 64: a frontier wide enough to fill a batch)")
+    p.add_argument("--children", type=int, default=64,
+                   help="next tokens passed on per expansion (default 64: a frontier wide enough to fill a batch)")
     p.add_argument("--order", choices=["depth", "best"], default="depth", help="expansion order (default depth)")
     p.add_argument("--seed-beams", type=int, default=4, help="beam width of the starting bound (0: none; default 4)")
     p.add_argument("--stop-at-max-length", action="store_true",

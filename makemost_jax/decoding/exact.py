@@ -179,8 +179,8 @@ class _RootChildren:
         self.eos_Q = logp_QV[:, eos_id].tolist()
         choices_QV = np.array(ban_pad(params.config, jnp.asarray(logp_QV)))
         choices_QV[:, eos_id] = -np.inf
-        # (log-prob desc, id asc): the order `_expand`'s top_k gives.
-        self.order_QV = np.stack([np.lexsort((np.arange(row.size), -row)) for row in choices_QV])
+        # (log-prob desc, id asc): the order `_expand`'s top_k gives (a stable sort keeps ids ascending).
+        self.order_QV = np.argsort(-choices_QV, axis=-1, kind="stable")
         self.choices_QV, self.n = choices_QV, n_children
 
     def children(self, question: int, emitted: int) -> tuple[float, list[float], list[int]]:

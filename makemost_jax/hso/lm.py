@@ -60,7 +60,7 @@ from makemost_jax.sharding import constrain
 SLOT_AXIS = 2  # of the (L, B, C, G, H) cache arrays
 # The gradient w.r.t. the cache keeps each layer's matmul outputs and recomputes the
 # attention's elementwise work: no (L, S, C) stacks of scores to fill and read back,
-# 5% faster and less memory than keeping everything (bench_hso's probe, CPU).
+# 5% faster and less memory than keeping everything (an A/B of bench_hso's probe, CPU).
 GRADIENT_REMAT = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 KV_AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
 

@@ -450,8 +450,8 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     num_BGQK, start = 0, 0
     for v_part in values:
         width = v_part.shape[1]
-        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", weights_BGQS[..., start:start + width].astype(q_BTHK.dtype),
-                                         heads_first(v_part), preferred_element_type=wide)
+        w_BGQS = weights_BGQS[..., start:start + width].astype(q_BTHK.dtype)
+        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", w_BGQS, heads_first(v_part), preferred_element_type=wide)
         start += width
     num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
     den_BGRT1 = weights_BGQS.sum(axis=-1).reshape(b, g, r, t, 1)
@@ -652,8 +652,8 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
     `ctx` comes from `attention_context`. `k_LBSGK`/`v_LBSGK` are the cache buffers (None
     for encoders and fresh prefills), only read: the returned k, v (L, B, T, G, K) are the
     input tokens' own, for the caller to write into its cache once (writing inside the
-    scan would copy the whole cache at every layer). Per-layer settings (index, sliding window, rotary
-    frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
+    scan would copy the whole cache at every layer). Per-layer settings (index, sliding
+    window, rotary frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
     `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
     query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
     a decoder with cross-attention, is `(k_LBSGK, v_LBSGK)` of the encoded source

@@ -499,9 +499,11 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
             ctx = attention_context(positions_BT, attend_BTT, new_positions_BT)
         else:
             # Keys: the cache's slots (those this call overwrites hidden), then the input's own.
-            slots_T = (cache.fill + jnp.arange(t, dtype=jnp.int32)) % cache.size
-            kept_S = jnp.ones((cache.size,), bool).at[slots_T].set(not write_cache)
-            key_positions_BS = jnp.concatenate([jnp.where(kept_S, cache.positions, -1), new_positions_BT], axis=1)
+            cached_BS = cache.positions
+            if write_cache:
+                slots_T = (cache.fill + jnp.arange(t, dtype=jnp.int32)) % cache.size
+                cached_BS = cached_BS.at[:, slots_T].set(-1)
+            key_positions_BS = jnp.concatenate([cached_BS, new_positions_BT], axis=1)
             attend_BTS = (key_positions_BS[:, None, :] >= 0) & (key_positions_BS[:, None, :] <= positions_BT[:, :, None])
             ctx = attention_context(positions_BT, attend_BTS, key_positions_BS)
         ctx = add_source_and_bias(ctx, ctx["key_positions"])
@@ -509,13 +511,13 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         buffers = (None, None) if fresh else (cache.k, cache.v)
         x_BTD, k_LBTGK, v_LBTGK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
                                                      extra_kv, source_kv)
-        if fresh or not write_cache:
-            k, v, key_positions_BS = k_LBTGK, v_LBTGK, new_positions_BT
+        if fresh or not write_cache:  # a cache of the input's own T slots
+            k, v, key_positions_BS, fill = k_LBTGK, v_LBTGK, new_positions_BT, jnp.int32(t)
         else:  # one write of every layer's new keys into the cache
-            k, v = (write_slots(buffer, new, slots_T, axis=2) for buffer, new in ((cache.k, k_LBTGK), (cache.v, v_LBTGK)))
-            key_positions_BS = cache.positions.at[:, slots_T].set(new_positions_BT)
+            k, v = (write_slots(old, new, slots_T, axis=2) for old, new in ((cache.k, k_LBTGK), (cache.v, v_LBTGK)))
+            key_positions_BS, fill = cache.positions.at[:, slots_T].set(new_positions_BT), cache.fill + t
         new_cache = KVCache(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), positions=key_positions_BS,
-                            fill=jnp.int32(t) if fresh or not write_cache else cache.fill + t, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
+                            fill=fill, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
                             source=source)
     else:
         if cache is not None:
