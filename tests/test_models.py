@@ -115,6 +115,20 @@ def test_logits_at_selected_positions_equal_the_full_logits(hf, family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reading_a_full_cache_without_writing_equals_the_full_forward(hf, family):
+    """`write_cache=False` reads a cache with no room left and returns the input's own keys/values."""
+    params = mm.load(str(getattr(hf, family)()))
+    full = mm.forward(params, TOKENS)
+    first = mm.forward(params, TOKENS[:, :10])  # a cache of exactly 10 slots: no room for more
+    rest = mm.forward(params, TOKENS[:, 10:], cache=first.cache, write_cache=False)
+    np.testing.assert_allclose(rest.logits, full.logits[:, 10:], atol=1e-5, rtol=0)
+    assert rest.cache.size == TOKENS.shape[1] - 10 and int(rest.cache.fill) == TOKENS.shape[1] - 10
+    np.testing.assert_allclose(rest.cache.k, full.cache.k[:, :, 10:], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="do not fit in the cache"):
+        mm.forward(params, TOKENS[:, 10:], cache=first.cache)  # writing needs the room
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_left_padded_batch_equals_unpadded_rows(hf, family):
     params = mm.load(str(getattr(hf, family)()))
     rows = [TOKENS[0, :5], TOKENS[1, :17], TOKENS[2, :11]]
