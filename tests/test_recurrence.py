@@ -4,7 +4,6 @@ memory, sub-linear training memory under remat, a real training run, checkpoints
 from __future__ import annotations
 
 import functools
-
 import json
 from pathlib import Path
 
@@ -195,6 +194,20 @@ def test_training_memory_is_sublinear_in_windows_with_remat():
     assert peaks[True, 8] < 2 * peaks[True, 2]
     # Without remat every window's activations are kept: 8 windows would break the bound.
     assert peaks[False, 8] > 2 * peaks[True, 2]
+
+
+def test_compiled_flops_count_every_layer():
+    """XLA counts a loop's body once; `compiled_stats` must count the scanned layers one by one."""
+    def forward_flops(layers):
+        cfg = mm.from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": layers, "n_head": 4,
+                                 "vocab_size": 100, "n_positions": 32})
+        params = mm.init_params(cfg, jax.random.key(0))
+        return compiled_stats(lambda p, t: mm.forward(p, t).logits.sum(), params, jnp.zeros((1, 16), jnp.int32))
+
+    one, two, four = (forward_flops(n)["flops"] for n in (1, 2, 4))
+    per_layer = two - one
+    assert per_layer > 0.3 * one  # a layer is a large share of this tiny model
+    np.testing.assert_allclose(four - two, 2 * per_layer, rtol=1e-3)
 
 
 def test_sharded_training_step_equals_one_device():

@@ -590,6 +590,7 @@ def block_axes(cfg: ModelConfig) -> dict:
 
 
 _LAYER_REMAT: contextvars.ContextVar = contextvars.ContextVar("makemost_layer_remat", default=None)
+_LAYER_UNROLL: contextvars.ContextVar = contextvars.ContextVar("makemost_layer_unroll", default=False)
 
 
 @contextlib.contextmanager
@@ -609,6 +610,25 @@ def remat_layers(policy):
         yield
     finally:
         _LAYER_REMAT.reset(token)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """While tracing inside this context, the layer loop is unrolled: one copy of the block per layer.
+
+    XLA's cost analysis counts a loop's body once, not once per trip, so a program traced
+    with the layers scanned reports the FLOPs of one layer; traced here, of all of them.
+    For counting (`recurrence.evaluate.compiled_stats`), not for running: compiling is slower.
+
+    Example:
+        >>> # with unrolled_layers():
+        >>> #     flops = jax.jit(f).lower(params, tokens).compile().cost_analysis()["flops"]
+    """
+    token = _LAYER_UNROLL.set(True)
+    try:
+        yield
+    finally:
+        _LAYER_UNROLL.reset(token)
 
 
 @functools.cache
@@ -682,5 +702,6 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
     x_BTD, (k_LBTGK, v_LBTGK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv, source_kv))
+        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv, source_kv),
+        unroll=cfg.n_layers if _LAYER_UNROLL.get() else 1)
     return x_BTD, k_LBTGK, v_LBTGK, hidden_LBTD

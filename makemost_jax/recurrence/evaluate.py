@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models import forward, token_logprobs
+from makemost_jax.models.layers import unrolled_layers
 from makemost_jax.models.types import Params
 from makemost_jax.perplexity import NllTotals, perplexity
 from makemost_jax.recurrence.model import check_window, run_windows, window_step
@@ -165,17 +166,20 @@ def evaluate_sliding(lm: Params, documents: Sequence[Sequence[int]], window: int
 def compiled_stats(fn, *args) -> dict:
     """XLA's FLOPs and bytes for `jax.jit(fn)(*args)`, compiled but not run.
 
-    `peak_bytes` = arguments + temporaries + outputs - outputs aliased to inputs (the
-    convention of benchmarks/bench_train_memory.py). `args` may be `ShapeDtypeStruct`s.
+    The FLOPs are counted on the program traced with the model's layers unrolled (XLA counts
+    a loop's body once, so the scanned program would count one layer); the bytes are those
+    of the program that runs. `peak_bytes` = arguments + temporaries + outputs - outputs
+    aliased to inputs (the convention of benchmarks/bench_train_memory.py). `args` may be
+    `ShapeDtypeStruct`s.
 
     Example:
         >>> compiled_stats(lambda x: x @ x, jnp.ones((4, 4)))["flops"]
         128.0
     """
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
+    with unrolled_layers():  # a fresh function: jit's trace cache must not hand the unrolled program back later
+        cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
+    mem = jax.jit(fn).lower(*args).compile().memory_analysis()
     return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": mem.argument_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
