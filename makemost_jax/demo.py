@@ -31,7 +31,7 @@ GREEDY_PROMPTS = ("The capital of France is", "Jane Austen was an English noveli
 SAMPLED_PROMPTS = ("Once upon a time, in a small village,",)
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 # HSO on the first 1025 tokens of the Austen sample: 8 segments, the cache full from the fourth on.
-DEMO_HSO = HSOConfig(segment=128, cache_size=384, lr=1e-2, sink=4)
+DEMO_HSO = HSOConfig()  # the defaults: segment 128, cache 384, lr 1e-2, sink 4
 DEMO_HSO_TOKENS = 1025
 # Conditional beam search: a prompt whose beam-search output is empty, and the bundled
 # min-length:8 classifier (makemost_jax/assets/README.md).

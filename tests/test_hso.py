@@ -315,3 +315,12 @@ def test_cli_hso_json_and_errors(capsys, tiny_llama_dir, tmp_path):
     assert main(argv[:-1] + ["--lr", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: lr=-1.0") and err.count("\n") == 1
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`makemost hso` with no knobs runs exactly `HSOConfig()`, the settings the experiments recommend."""
+    from makemost_jax.cli import _hso_config, build_parser
+
+    args = build_parser().parse_args(["hso", "MODEL", "FILE"])
+    assert _hso_config(args) == HSOConfig()
+    assert HSOConfig().sink == 4 and HSOConfig().lr == 1e-2  # benchmarks/results/hso_domains.md's recommendation

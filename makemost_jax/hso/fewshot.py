@@ -295,6 +295,54 @@ def _check(train, test, fmt, k, draws):
         raise ConfigError(f"draws={draws} must be at least 1")
 
 
+def draw_logprobs(params: Params, tokenizer, demos: Sequence[dict], texts: Sequence[str], fmt: PromptFormat,
+                  hso: HSOConfig | None, labels_only: bool = False, width: int | None = None):
+    """Label log-probs (texts, labels) and those of the content-free inputs (3, labels), after one draw.
+
+    The demonstrations are read with HSO (`hso` given) or without (`hso=None`); pass both
+    arrays to `calibrate` for contextual calibration.
+
+    Example:
+        >>> # logp, free = draw_logprobs(params, tok, train[:4], ["A gem."], PromptFormat(), HSOConfig())
+        >>> # (calibrate(logp, free).argmax(1), logp.argmax(1))   # calibrated and plain predictions
+    """
+    cache = demonstrations_cache(params, tokenizer, demos, fmt, hso, labels_only, width).cache()
+    return (label_logprobs(params, tokenizer, cache, texts, fmt),
+            label_logprobs(params, tokenizer, cache, list(CONTENT_FREE), fmt))
+
+
+def calibrate(logp, free) -> np.ndarray:
+    """Contextual calibration: label log-probs with the prompt's bias (mean content-free p) divided out.
+
+    Example:
+        >>> calibrate(np.log([[0.6, 0.4]]), np.log([[0.8, 0.2], [0.8, 0.2], [0.8, 0.2]])).argmax(1).tolist()
+        [1]
+    """
+    bias = np.log(np.mean(np.exp(free - np.logaddexp.reduce(free, axis=1, keepdims=True)), axis=0))
+    return logp - np.logaddexp.reduce(logp, axis=1, keepdims=True) - bias
+
+
+def demonstration_width(tokenizer, train: Sequence[dict], fmt: PromptFormat) -> int:
+    """The segment width that fits every candidate demonstration: one compiled program for every draw.
+
+    Example:
+        >>> # width = demonstration_width(tok, train, PromptFormat())   # e.g. 96
+    """
+    return _bucket(max(len(demonstration_tokens(tokenizer, r, fmt, True)[0]) for r in train))
+
+
+def check_fits(params: Params, tokenizer, texts: Sequence[str], fmt: PromptFormat, k: int, width: int) -> None:
+    """Raise `ConfigError` when k demonstrations of `width` tokens and a test input exceed the context.
+
+    Example:
+        >>> # check_fits(params, tok, texts, PromptFormat(), k=16, width=96)
+    """
+    longest_query = max(len(tokenizer.encode(fmt.query.format(text=t))) for t in texts)
+    if k * width + _bucket(longest_query + 8) > params.config.max_positions:
+        raise ConfigError(f"k={k} demonstrations ({k * width} tokens with padding) and a test input do not "
+                          f"fit the model's context of {params.config.max_positions}; use a smaller k")
+
+
 def fewshot_classify(params: Params, tokenizer, train: Sequence[dict], test: Sequence[dict], *, k: int = 4,
                      draws: int = 5, seed: int = 0, hso: HSOConfig | None = None, labels_only: bool = False,
                      fmt: PromptFormat = PromptFormat()) -> FewShotResult:
@@ -316,26 +364,18 @@ def fewshot_classify(params: Params, tokenizer, train: Sequence[dict], test: Seq
     gold = np.array([fmt.labels.index(r["label"]) for r in test])
     texts = [r["text"] for r in test]
     accuracy = {"plain": [], "hso": [], "calibrated": [], "calibrated_hso": []}
-    # Fixed shapes for every draw: demonstrations padded to the longest candidate.
-    width = _bucket(max(len(demonstration_tokens(tokenizer, r, fmt, True)[0]) for r in train))
-    longest_query = max(len(tokenizer.encode(fmt.query.format(text=t))) for t in texts)
-    if k * width + _bucket(longest_query + 8) > params.config.max_positions:
-        raise ConfigError(f"k={k} demonstrations ({k * width} tokens with padding) and a test input do not "
-                          f"fit the model's context of {params.config.max_positions}; use a smaller k")
+    width = demonstration_width(tokenizer, train, fmt)
+    check_fits(params, tokenizer, texts, fmt, k, width)
     chosen = []
     for _ in range(draws):
         picks = rng.choice(len(train), size=k, replace=False)
         demos = [train[i] for i in picks]
         chosen.append([int(train[i].get("id", i)) for i in picks])
         for name, config in (("plain", None), ("hso", hso)):
-            cache = demonstrations_cache(params, tokenizer, demos, fmt, config, labels_only, width).cache()
-            logp = label_logprobs(params, tokenizer, cache, texts, fmt)
+            logp, free = draw_logprobs(params, tokenizer, demos, texts, fmt, config, labels_only, width)
             accuracy[name].append(float(np.mean(logp.argmax(1) == gold)))
-            free = label_logprobs(params, tokenizer, cache, list(CONTENT_FREE), fmt)
-            bias = np.log(np.mean(np.exp(free - np.logaddexp.reduce(free, axis=1, keepdims=True)), axis=0))
-            calibrated = logp - np.logaddexp.reduce(logp, axis=1, keepdims=True) - bias
             accuracy["calibrated" if name == "plain" else "calibrated_hso"].append(
-                float(np.mean(calibrated.argmax(1) == gold)))
+                float(np.mean(calibrate(logp, free).argmax(1) == gold)))
     majority = float(np.max(np.bincount(gold)) / gold.size)
     return FewShotResult(accuracy=accuracy, draws=chosen, k=k, n_test=len(test), majority_rate=majority,
                          seconds=time.perf_counter() - t0)
