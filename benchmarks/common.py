@@ -92,13 +92,19 @@ def command_line() -> str:
     return " ".join(["python", str(name), *sys.argv[1:]])
 
 
-def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | None = None) -> Path:
-    """Write `<stem>.json` (payload + machine, command and report rows unless given) and `<stem>.md`."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | None = None,
+                  out_dir: Path = RESULTS) -> Path:
+    """Write `<stem>.json` (payload + machine, command and report rows unless given) and `<stem>.md` in `out_dir`.
+
+    Quick runs pass a temporary `out_dir`: only full runs belong in benchmarks/results (docs/RESULTS.md
+    is built from every JSON there).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), "command": command_line(), **payload}
     if report is not None:
         payload["report"] = report
-    path = RESULTS / f"{stem}.json"
+    path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown.rstrip() + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown.rstrip() + "\n")
     return path

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import sys
 import sysconfig
@@ -43,7 +42,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, machine, machine_line, report_row
+from common import command_line, machine, machine_line, report_row, write_results
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -309,10 +308,8 @@ def main(argv=None):
                "seconds": time.perf_counter() - t0}
     out = Path(args.out_dir or (Path(tempfile.gettempdir()) / "hso_domains_quick" if args.quick else
                                 ROOT / "benchmarks" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    rows = report_rows(payload)
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, **payload, "report": rows}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(payload, info, stem) + "\n")
+    write_results(stem, {"machine": info, **payload}, markdown(payload, info, stem), report=report_rows(payload),
+                  out_dir=out)
     plot(payload, out / f"{stem}.png")
     rec = payload["recommended"]
     print(f"wrote {out / stem}.json, .md, .png ({payload['seconds']:.0f} s)")

@@ -208,16 +208,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes: an end-to-end check in about 2 minutes")
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS, help="where the results files go")
     args = parser.parse_args(argv)
-    common.RESULTS = args.out_dir
     stem = "hso_fewshot_quick" if args.quick else "hso_fewshot"
     info, t0 = machine(), time.perf_counter()
     payload = experiment(mm.load(), mm.load_tokenizer(), QUICK if args.quick else FULL)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     payload["plot"] = f"{stem}.png"
-    plot(payload, args.out_dir / payload["plot"])
     seconds = time.perf_counter() - t0
     text, rows = markdown(payload, info, seconds)
-    path = common.write_results(stem, {**payload, "seconds": seconds}, text, report=rows)
+    path = common.write_results(stem, {**payload, "seconds": seconds}, text, report=rows, out_dir=args.out_dir)
+    plot(payload, args.out_dir / payload["plot"])
     print(text)
     print(f"-> {path}")
 
