@@ -594,8 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="beam/cbs: rank finished outputs by log p / n ** this (default 0: the mode)")
     p.add_argument("--attribute", default=None, metavar="SPEC",
-                   help="beam/cbs: keep only outputs with this attribute (min-length:L, non-empty, no-repeat-ngram:N, "
-                        "no-prompt-copy[:SPAN], non-degenerate, joined by +); cbs default: the classifier's")
+                   help="beam/cbs: keep only outputs with this attribute (min-length:L, max-length:L, non-empty, "
+                        "no-repeat-ngram:N, no-prompt-copy[:SPAN], non-degenerate, joined by +); cbs default: the "
+                        "classifier's")
     p.add_argument("--classifier", default=None, metavar="DIR",
                    help="cbs: a head written by makemost cbs-train, or 'default' (bundled, min-length:8, for the "
                         "embedded model)")
@@ -608,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cbs-train", parents=[common, with_model],
                        help="train the attribute classifier of conditional beam search on the model's own samples")
     p.add_argument("--attribute", required=True, metavar="SPEC",
-                   help="what the outputs must satisfy: min-length:L, non-empty, no-repeat-ngram:N, "
-                        "no-prompt-copy[:SPAN], non-degenerate, joined by +")
+                   help="what the outputs must satisfy: min-length:L, max-length:L (ends with EOS within L tokens), "
+                        "non-empty, no-repeat-ngram:N, no-prompt-copy[:SPAN], non-degenerate, joined by +")
     p.add_argument("--prompts", metavar="FILE", help="prompts to sample from, one per line (\\n = newline)")
     p.add_argument("--chat-prompts", metavar="FILE",
                    help="user messages, one per line, each wrapped in the chat template")

@@ -8,6 +8,7 @@ import pytest
 from makemost_jax.decoding.attributes import (
     AllOf,
     Labeller,
+    MaxLength,
     MinLength,
     NoPromptCopy,
     NoRepeatNgram,
@@ -80,7 +81,7 @@ def test_no_prompt_copy_ignores_padding_anywhere():
     assert copy.tolist() == [False] and pad_match.tolist() == [True]
 
 
-@pytest.mark.parametrize("attribute", [MinLength(4), NoRepeatNgram(2), NoRepeatNgram(3), NoPromptCopy(2),
+@pytest.mark.parametrize("attribute", [MinLength(4), MaxLength(4), AllOf((MinLength(2), MaxLength(5))), NoRepeatNgram(2), NoRepeatNgram(3), NoPromptCopy(2),
                                        NoPromptCopy(4), non_degenerate(ngram=2, span=2)], ids=lambda a: a.name)
 def test_jitted_agrees_with_host_on_random_cases(attribute):
     rng = np.random.default_rng(0)
@@ -113,9 +114,26 @@ def test_user_labeller_runs_inside_jit_and_vmap():
     assert hash(attr) == hash(Labeller(mentions_seven, name="mentions-seven"))  # static under jit
 
 
+def test_batched_labeller_judges_a_whole_batch_in_one_call():
+    calls = []
+
+    def short_outputs(prompts, outputs):
+        calls.append(len(outputs))
+        return [len(o) + len(p) < 4 for p, o in zip(prompts, outputs)]
+
+    attr = Labeller(short_outputs, name="short", batched=True)
+    prompts, outputs = [[3, 4], [5], [6]], [[7], [1, 2, 7], []]
+    assert label(attr, prompts, outputs).tolist() == [True, False, True] and calls == [3]
+    assert jitted_labels(attr, prompts, outputs) == [True, False, True] and calls[-1] == 3
+    assert attr.check([1], [2, 3]) and not attr.check([1], [2, 3, 4])
+    broken = Labeller(lambda prompts, outputs: [True], name="broken", batched=True)
+    with pytest.raises(InputError, match="one bool per output"):
+        label(broken, [[1]], [[2], [3]])
+
+
 def test_all_of_and_specs_round_trip():
-    for attribute in [MinLength(8), NoRepeatNgram(3), NoPromptCopy(5), non_degenerate(),
-                      AllOf((MinLength(2), NoPromptCopy()))]:
+    for attribute in [MinLength(8), MaxLength(16), NoRepeatNgram(3), NoPromptCopy(5), non_degenerate(),
+                      AllOf((MinLength(2), NoPromptCopy())), AllOf((MinLength(8), MaxLength(16)))]:
         assert parse_attribute(attribute.name) == attribute
     assert parse_attribute("non-empty") == MinLength(1)
     assert parse_attribute("no-prompt-copy") == NoPromptCopy(8)
@@ -124,7 +142,7 @@ def test_all_of_and_specs_round_trip():
 
 
 @pytest.mark.parametrize("spec, words", [("min-length", "unknown attribute"), ("min-length:x", "not an integer"),
-                                         ("max-length:3", "unknown attribute"), ("min-length:0", "at least 1"),
+                                         ("max-len:3", "unknown attribute"), ("max-length:0", "at least 1"), ("min-length:0", "at least 1"),
                                          ("min-length:3+bogus", "unknown attribute")])
 def test_bad_specs_raise_config_error(spec, words):
     with pytest.raises(ConfigError, match=words):

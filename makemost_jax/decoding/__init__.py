@@ -1,7 +1,7 @@
 """Decoding: sampling, beam search and conditional beam search (one loop), attributes and their classifier, exact search."""
 
-from makemost_jax.decoding.attributes import (AllOf, Attribute, Labeller, MinLength, NoPromptCopy, NoRepeatNgram,
-                                              label, non_degenerate, non_empty, parse_attribute)
+from makemost_jax.decoding.attributes import (AllOf, Attribute, Labeller, MaxLength, MinLength, NoPromptCopy,
+                                              NoRepeatNgram, label, non_degenerate, non_empty, parse_attribute)
 from makemost_jax.decoding.beam import BeamResult, beam_search
 from makemost_jax.decoding.classifier import (AttributeClassifier, conditional_beam_search, fit_classifier,
                                               init_classifier, load_classifier, save_classifier, search_text)
@@ -13,7 +13,7 @@ __all__ = ["GenerationResult", "decode_step", "filter_logits", "generate", "gene
            "pad_prompts", "prefill"]
 __all__ += ["BeamResult", "beam_search"]
 __all__ += ["ModeResult", "exact_length_modes", "exact_mode"]
-__all__ += ["AllOf", "Attribute", "Labeller", "MinLength", "NoPromptCopy", "NoRepeatNgram", "label", "non_degenerate",
-            "non_empty", "parse_attribute"]
+__all__ += ["AllOf", "Attribute", "Labeller", "MaxLength", "MinLength", "NoPromptCopy", "NoRepeatNgram", "label",
+            "non_degenerate", "non_empty", "parse_attribute"]
 __all__ += ["AttributeClassifier", "conditional_beam_search", "fit_classifier", "init_classifier", "load_classifier",
             "save_classifier", "search_text"]

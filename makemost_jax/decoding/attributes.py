@@ -15,7 +15,7 @@ jitted search, with
 - `check(prompt, output) -> bool`: the same labeller on plain token lists (the prompt's
   real tokens, the output without EOS), for host-side labelling (`label`).
 
-Built-ins: `MinLength(L)` (`non_empty()` is `MinLength(1)`), `NoRepeatNgram(n)`,
+Built-ins: `MinLength(L)` (`non_empty()` is `MinLength(1)`), `MaxLength(L)`, `NoRepeatNgram(n)`,
 `NoPromptCopy(span)`, their conjunction `AllOf(...)` (`non_degenerate()`), and `Labeller`,
 which wraps a Python function on token lists (it runs on the host through
 `jax.pure_callback`, so it also works inside the jitted search).
@@ -91,6 +91,31 @@ class MinLength(_CountSetting):
 
     def check(self, prompt, output) -> bool:
         return len(output) >= self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxLength(_CountSetting):
+    """The output has at most `length` tokens (EOS not counted).
+
+    An output cut at the search's or sampler's limit without EOS counts its full
+    `max_new_tokens`, so with `max_new_tokens > length` this means "ends (EOS) within
+    `length` tokens", and "min-length:M+max-length:L" means "ends after M to L tokens":
+    an attribute that no prefix shorter than M decides.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> MaxLength(2).accepts(None, None, jnp.zeros((3, 4), int), jnp.array([0, 2, 4])).tolist()
+        [True, True, False]
+    """
+
+    length: int
+    kind: ClassVar[str] = "max-length"
+
+    def accepts(self, prompt_BT, prompt_mask_BT, tokens_BN, lengths_B):
+        return jnp.asarray(lengths_B) <= self.length
+
+    def check(self, prompt, output) -> bool:
+        return len(output) <= self.length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +234,11 @@ class Labeller:
     """A user attribute: `fn(prompt_ids: list[int], output_ids: list[int]) -> bool`.
 
     `fn` sees the prompt's real tokens and the output without EOS. Inside jit it runs on
-    the host through `jax.pure_callback`, one call per row (so it costs a device-host
-    round trip per use: keep it for labelling, not for hot loops on accelerators).
+    the host through `jax.pure_callback`, one call per batch of rows (so it costs a
+    device-host round trip per use: keep it for labelling, not for hot loops on
+    accelerators). With `batched=True`, `fn(prompts, outputs)` takes lists of token lists
+    and returns one bool per row: for a judge that is itself a model, which then runs
+    once per batch instead of once per row.
 
     Example:
         >>> no_seven = Labeller(lambda prompt, output: 7 not in output, name="no-seven")
@@ -218,15 +246,21 @@ class Labeller:
         >>> jax.jit(no_seven.accepts)(jnp.ones((2, 1), int), jnp.ones((2, 1), int),
         ...                           jnp.array([[7, 1], [1, 7]]), jnp.array([2, 1])).tolist()
         [False, True]
+        >>> short = Labeller(lambda prompts, outputs: [len(o) < 2 for o in outputs], name="short", batched=True)
+        >>> label(short, [[1]], [[4], [4, 5]]).tolist()
+        [True, False]
     """
 
-    fn: Callable[[list, list], bool]
+    fn: Callable[[list, list], bool] | Callable[[list[list], list[list]], Sequence[bool]]
     name: str = "labeller"
+    batched: bool = False
 
     def accepts(self, prompt_BT, prompt_mask_BT, tokens_BN, lengths_B):
         lengths_B = jnp.asarray(lengths_B)
 
-        def host(prompt_BT, mask_BT, tokens_BN, lengths_B):
+        def host(*arrays):
+            # NumPy at once: a JAX op dispatched from inside a callback can deadlock a busy CPU backend.
+            prompt_BT, mask_BT, tokens_BN, lengths_B = (np.asarray(a) for a in arrays)
             prompts = [row[m.astype(bool)].tolist() for row, m in zip(prompt_BT, mask_BT)]
             outputs = [row[:n].tolist() for row, n in zip(tokens_BN, lengths_B)]
             return label(self, prompts, outputs)
@@ -236,7 +270,18 @@ class Labeller:
                                  vmap_method="sequential")
 
     def check(self, prompt, output) -> bool:
-        return bool(self.fn(list(prompt), list(output)))
+        return bool(self.check_many([prompt], [output])[0])
+
+    def check_many(self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> np.ndarray:
+        """One bool per (prompt, output) pair."""
+        prompts, outputs = [list(p) for p in prompts], [list(o) for o in outputs]
+        if self.batched:
+            verdicts = np.asarray(self.fn(prompts, outputs), bool)
+            if verdicts.shape != (len(outputs),):
+                raise InputError(f"labeller {self.name!r} returned shape {verdicts.shape} for {len(outputs)} "
+                                 "outputs; a batched fn must return one bool per output")
+            return verdicts
+        return np.array([bool(self.fn(p, o)) for p, o in zip(prompts, outputs)], bool)
 
 
 def non_empty() -> MinLength:
@@ -259,7 +304,7 @@ def non_degenerate(ngram: int = 4, span: int = 8) -> AllOf:
     return AllOf((MinLength(1), NoRepeatNgram(ngram), NoPromptCopy(span)))
 
 
-_SPECS = "min-length:L, non-empty, no-repeat-ngram:N, no-prompt-copy[:SPAN], non-degenerate, joined by '+'"
+_SPECS = "min-length:L, max-length:L, non-empty, no-repeat-ngram:N, no-prompt-copy[:SPAN], non-degenerate, joined by '+'"
 
 
 def _parse_one(spec: str) -> Attribute:
@@ -271,6 +316,8 @@ def _parse_one(spec: str) -> Attribute:
             return non_degenerate()
         if kind == "min-length" and arg:
             return MinLength(int(arg))
+        if kind == "max-length" and arg:
+            return MaxLength(int(arg))
         if kind == "no-repeat-ngram" and arg:
             return NoRepeatNgram(int(arg))
         if kind == "no-prompt-copy":
@@ -308,4 +355,6 @@ def label(attribute: Attribute, prompts: Sequence[Sequence[int]], outputs: Seque
     if len(prompts) != len(outputs):
         raise InputError(f"label() got {len(prompts)} prompts for {len(outputs)} outputs; pass one prompt "
                          "per output or a single shared one")
+    if isinstance(attribute, Labeller):
+        return attribute.check_many(prompts, outputs)
     return np.array([attribute.check(p, o) for p, o in zip(prompts, outputs)], bool)
