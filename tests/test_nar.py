@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -254,6 +255,32 @@ def test_nar_argmax_decoding_deterministic_and_batched_equals_single():
     assert all(int(best.lengths[i]) in np.asarray(top[i]) for i in range(3))
 
 
+def test_nar_decode_steps_equals_separate_decodes():
+    """Results after 1, 2, 4 steps read off one run equal three separate decodes (same key)."""
+    _, params = tiny_params()
+    src, src_mask = sources([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]], 8)
+    for decode in (nar.DecodeConfig(), nar.DecodeConfig(init="mask", length_candidates=3),
+                   nar.DecodeConfig(temperature=0.7)):
+        by_steps = nar.nar_decode_steps(params, src, src_mask, decode, steps=(1, 2, 4), key=jax.random.key(3))
+        for steps, got in zip((1, 2, 4), by_steps):
+            want = nar.nar_decode(params, src, src_mask, dataclasses.replace(decode, steps=steps),
+                                  key=jax.random.key(3))
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_array_equal(got.lengths, want.lengths)
+            np.testing.assert_allclose(got.score, want.score, atol=1e-6)
+        assert not np.array_equal(by_steps[0].tokens, by_steps[2].tokens)  # refinement changed something
+    with pytest.raises(ConfigError, match="increasing"):
+        nar.nar_decode_steps(params, src, src_mask, steps=(2, 1))
+    with pytest.raises(ConfigError, match="one step count"):
+        nar.nar_decode_steps(params, src, src_mask, nar.DecodeConfig(remask=True), steps=(1, 2))
+    tok = mm.load_tokenizer(str(MINILM))
+    mlm = mm.init_params(mm.from_hf_config(dict(TINY, vocab_size=tok.vocab_size)), jax.random.key(0))
+    params = nar.init_seq2seq(mlm, nar.seq2seq_config(mlm, tok, max_source=12, max_target=6))
+    texts = ["In the beginning", "And God said", "Let there be light"]
+    by_steps = nar.translate_steps(params, tok, texts, steps=(1, 3), batch_size=2)
+    assert by_steps == {s: nar.translate(params, tok, texts, nar.DecodeConfig(steps=s), batch_size=2) for s in (1, 3)}
+
+
 def test_ar_greedy_cache_matches_full_recompute_and_batched_equals_single():
     """KV-cached greedy decoding equals greedy with the whole prefix recomputed at every step."""
     _, params = tiny_params(autoregressive=True, seed=2)
@@ -274,6 +301,108 @@ def test_ar_greedy_cache_matches_full_recompute_and_batched_equals_single():
         np.testing.assert_array_equal(tokens[i, :lengths[i]], prefix[1:])
         one_tokens, _ = nar.ar_greedy(params, s, m)
         np.testing.assert_array_equal(one_tokens[0], tokens[i])
+
+
+def _allowed_logprobs(params, src, src_mask, prefixes, position):
+    """Log-probs (N, V) of the token after each prefix ([CLS] + tokens, full recompute), as the AR search sees them:
+    [PAD]/[CLS]/[MASK] removed and the rest renormalised; at position max_target only [SEP] keeps its log-prob."""
+    t = params.config.max_target
+    padded = jnp.asarray([[1, *p] + [0] * (t - len(p)) for p in prefixes])
+    n = len(prefixes)
+    logits = nar.ar_logits_full(params, jnp.repeat(src, n, 0), jnp.repeat(src_mask, n, 0), padded)[:, position]
+    logp = np.array(jax.nn.log_softmax(logits.at[:, jnp.array([0, 1, 3])].set(-jnp.inf), axis=-1))
+    if position == t:
+        logp[:, np.arange(logp.shape[1]) != 2] = -np.inf
+    return logp
+
+
+def _reference_beam(params, src, src_mask, beams, length_penalty):
+    """Beam search written out with lists and full recomputation: the 2K best continuations of the live beams;
+    [SEP] among the top K finishes (score log p / (len + 1) ** penalty); the best K others live on; stop once K
+    have finished and the best live log-prob / (max_target + 1) ** penalty cannot beat the worst finished."""
+    t = params.config.max_target
+    live, done = [([], 0.0)], []
+    for i in range(t + 1):
+        logp = _allowed_logprobs(params, src, src_mask, [toks for toks, _ in live], i)
+        cands = sorted(((score + logp[j, tok], toks, tok) for j, (toks, score) in enumerate(live)
+                        for tok in range(logp.shape[1]) if np.isfinite(logp[j, tok])), key=lambda c: -c[0])
+        top = cands[:2 * beams]
+        done += [(value / (i + 1) ** length_penalty, toks) for rank, (value, toks, tok) in enumerate(top)
+                 if tok == 2 and rank < beams]
+        done = sorted(done, key=lambda d: -d[0])[:beams]
+        live = [(toks + [tok], value) for value, toks, tok in top if tok != 2][:beams]
+        if not live or (len(done) == beams and done[-1][0] >= live[0][1] / (t + 1) ** length_penalty):
+            break
+    return done
+
+
+def sep_prone(params, seed):
+    """Weights perturbed more (logits spread ~1.4 instead of ~0.05) and [SEP] favoured by +2, so that outputs of
+    the tiny AR model end at different lengths instead of always running to max_target."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 10), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    model = params.weights["model"]
+    head = {**model["mlm_head"], "bias": model["mlm_head"]["bias"].at[2].add(2.0)}
+    return nar.Seq2SeqParams(params.config, {**params.weights, "model": {**model, "mlm_head": head}})
+
+
+def test_ar_beam_with_one_beam_is_greedy():
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15], [30, 31, 32]]
+    src, src_mask = sources(rows, 8)
+    for seed in (2, 3, 4):
+        _, params = tiny_params(autoregressive=True, seed=seed)
+        if seed > 2:
+            params = sep_prone(params, seed)
+        tokens, lengths = nar.ar_greedy(params, src, src_mask)
+        beam_tokens, beam_lengths, _ = nar.ar_beam(params, src, src_mask, beams=1)
+        np.testing.assert_array_equal(beam_lengths[:, 0], lengths)
+        np.testing.assert_array_equal(beam_tokens[:, 0], tokens)
+        assert seed == 2 or len(set(np.asarray(lengths).tolist())) > 1
+        tokens_bt, _ = nar.decode_tokens(params, src, src_mask, beams=1)
+        np.testing.assert_array_equal(tokens_bt, tokens)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_ar_beam_equals_a_reference_beam_search(length_penalty):
+    """The batched, KV-cached search equals the search written out per source with full recomputation."""
+    _, params = tiny_params(autoregressive=True, seed=4)
+    params = sep_prone(params, 4)
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    src, src_mask = sources(rows, 8)
+    tokens, lengths, scores = nar.ar_beam(params, src, src_mask, beams=3, length_penalty=length_penalty)
+    assert tokens.shape == (3, 3, 6) and bool((np.diff(np.asarray(scores), axis=1) <= 0).all())
+    assert len(set(np.asarray(lengths).ravel().tolist())) > 2  # outputs end at different lengths
+    for i, row in enumerate(rows):
+        s, m = sources([row], 8)
+        want = _reference_beam(params, s, m, 3, length_penalty)
+        for k, (score, toks) in enumerate(want):
+            assert int(lengths[i, k]) == len(toks)
+            np.testing.assert_array_equal(tokens[i, k, :len(toks)], toks)
+            assert (np.asarray(tokens[i, k, len(toks):]) == 0).all()
+            np.testing.assert_allclose(float(scores[i, k]), score, rtol=1e-5)
+
+
+def test_ar_beam_with_enough_beams_is_exhaustive():
+    """max_target 2, 36 ordinary tokens: 1 + 36 + 36^2 = 1333 outputs; 1333 beams keep all, best first."""
+    _, params = tiny_params(autoregressive=True, max_target=2, seed=6)
+    src, src_mask = sources([[5, 6, 7], [9, 10, 11, 12]], 8)
+    words = [w for w in range(40) if w not in (0, 1, 2, 3)]
+    outputs = [[]] + [[a] for a in words] + [[a, b] for a in words for b in words]
+    for length_penalty in (0.0, 0.5):
+        tokens, lengths, scores = nar.ar_beam(params, src, src_mask, beams=len(outputs),
+                                              length_penalty=length_penalty)
+        for i in range(2):
+            s, m = src[i:i + 1], src_mask[i:i + 1]
+            logp = [_allowed_logprobs(params, s, m, [y[:j] for y in outputs], j) for j in range(3)]
+            total = [sum(logp[j][n, tok] for j, tok in enumerate([*y, 2])) for n, y in enumerate(outputs)]
+            want = sorted(((lp / (len(y) + 1) ** length_penalty, y) for lp, y in zip(total, outputs)),
+                          key=lambda w: -w[0])
+            np.testing.assert_allclose(np.asarray(scores[i]), [w for w, _ in want], rtol=1e-5)
+            for k in (0, 1, 2, 100, len(outputs) - 1):
+                y = want[k][1]
+                assert int(lengths[i, k]) == len(y)
+                np.testing.assert_array_equal(tokens[i, k, :len(y)], y)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -370,6 +499,25 @@ def test_short_training_run_learns():
           f"{loss_after:.3f}; BLEU {bleu_before:.2f} -> {bleu_after:.2f}")
     assert loss_after < loss_before - 2.0
     assert bleu_after > bleu_before
+
+
+def test_train_keeps_weights_at_the_asked_steps():
+    """keep_steps: host copies of the weights at those steps (distinct, usable), the final ones returned."""
+    _, params = tiny_params()
+    batch = {k: np.asarray(v) for k, v in _tiny_batch().items()}
+    config = TrainConfig(steps=4, learning_rate=1e-2, eval_every=1, progress=False)
+    final, history = nar.train_seq2seq(params, iter([batch] * 4), config, keep_steps=(1, 3))
+    kept = history["kept"]
+    assert sorted(kept) == [1, 3] and [r["step"] for r in history["eval"]] == [1, 2, 3, 4]
+    first, third = (jax.tree.leaves(kept[s].weights) for s in (1, 3))
+    assert all(isinstance(x, np.ndarray) for x in first)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, third))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(third, jax.tree.leaves(final.weights)))
+    src, src_mask = sources([[5, 6, 7]], 8)
+    nar.nar_decode(jax.tree.map(jnp.asarray, kept[3]), src, src_mask, nar.DecodeConfig(steps=1), lengths=[3])
+    with pytest.raises(ConfigError, match="multiples of TrainConfig.eval_every"):
+        nar.train_seq2seq(params, iter([batch]), TrainConfig(steps=4, eval_every=2, progress=False),
+                          keep_steps=(1,))
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -10,9 +10,9 @@ Example:
     >>> # nar.translate(params, tok, ["Thou shalt not kill."], nar.DecodeConfig(steps=10))
 """
 
-from makemost_jax.nar.ar import ar_greedy, ar_logits_full, ar_loss
+from makemost_jax.nar.ar import ar_beam, ar_greedy, ar_logits_full, ar_loss
 from makemost_jax.nar.data import PairBatches, asset_path, encode_pairs, encode_sources, fixed_batches, read_pairs
-from makemost_jax.nar.decode import DecodeConfig, DecodeResult, nar_decode, predict_lengths
+from makemost_jax.nar.decode import DecodeConfig, DecodeResult, nar_decode, nar_decode_steps, predict_lengths
 from makemost_jax.nar.model import (
                                     Seq2SeqConfig,
                                     Seq2SeqParams,
@@ -28,6 +28,7 @@ from makemost_jax.nar.model import (
 from makemost_jax.nar.sundae import SundaeConfig, corrupt, sundae_loss
 from makemost_jax.nar.train import (
                                     bleu,
+                                    decode_batched,
                                     decode_tokens,
                                     load_seq2seq,
                                     loss_function,
@@ -37,11 +38,13 @@ from makemost_jax.nar.train import (
                                     timed_decode,
                                     train_seq2seq,
                                     translate,
+                                    translate_steps,
 )
 
 __all__ = ["DecodeConfig", "DecodeResult", "PairBatches", "Seq2SeqConfig", "Seq2SeqParams", "SundaeConfig",
-           "add_mlm_head", "ar_greedy", "ar_logits_full", "ar_loss", "asset_path", "bleu", "corrupt", "cross_kv",
-           "decode_tokens", "encode", "encode_pairs", "encode_sources", "fixed_batches",
-           "init_seq2seq", "length_logits", "load_seq2seq", "loss_function", "nar_decode", "nar_logits",
-           "normalise_references", "predict_lengths", "read_pairs", "resolve_mlm", "save_seq2seq", "seq2seq_config",
-           "special_ids", "sundae_loss", "timed_decode", "train_seq2seq", "translate"]
+           "add_mlm_head", "ar_beam", "ar_greedy", "ar_logits_full", "ar_loss", "asset_path", "bleu", "corrupt",
+           "cross_kv", "decode_batched", "decode_tokens", "encode", "encode_pairs", "encode_sources", "fixed_batches",
+           "init_seq2seq", "length_logits", "load_seq2seq", "loss_function", "nar_decode", "nar_decode_steps",
+           "nar_logits", "normalise_references", "predict_lengths", "read_pairs", "resolve_mlm", "save_seq2seq",
+           "seq2seq_config", "special_ids", "sundae_loss", "timed_decode", "train_seq2seq", "translate",
+           "translate_steps"]

@@ -9,6 +9,7 @@ when `temperature == 0`, else sampling at that temperature). With `remask=True`
 tokens are replaced by [MASK] again. The [PAD]/[CLS]/[SEP]/[MASK] ids are never output.
 Among the length candidates the one with the highest mean log-probability of its final
 tokens wins. The encoder and the cross-attention keys/values run once per source.
+`nar_decode_steps` reads the results after several step counts off one run.
 
 Example:
     >>> # result = nar_decode(params, source_BS, source_mask_BS, DecodeConfig(steps=4))
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +73,10 @@ def _ban_specials(config, logits_BTV):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, steps, config: DecodeConfig):
-    # `steps` is traced (not config.steps) so every step count shares one compilation.
+def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, steps_M, config: DecodeConfig):
+    # `steps_M` (M,) increasing step counts, traced (not config.steps) so every count shares one compilation;
+    # one result per count, read off the same refinement trajectory (steps i < s do not depend on s without
+    # remask), so M counts cost as much as the largest alone. Results are stacked on a leading M axis.
     cfg = params.config
     t = cfg.max_target
     enc_BSD = encode(params, source_BS, source_mask_BS)
@@ -91,6 +95,7 @@ def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, s
         banned = jnp.isin(random_RT, jnp.array(cfg.special_ids))
         x_RT = jnp.where(banned, cfg.mask_id, random_RT)
     x_RT = jnp.where(mask_RT, x_RT, cfg.pad_id)
+    steps = steps_M[-1]  # the remask schedule's length (remask allows one count only)
 
     def step(i, carry):
         x_RT, _ = carry
@@ -110,11 +115,16 @@ def _decode(params: Seq2SeqParams, source_BS, source_mask_BS, lengths_BN, key, s
             x_RT = jnp.where(mask_RT & (rank_RT < k_R[:, None]), cfg.mask_id, x_RT)
         return x_RT, conf_RT
 
-    x_RT, conf_RT = jax.lax.fori_loop(0, steps, step, (x_RT, jnp.zeros(mask_RT.shape, jnp.float32)))
-    score_R = (conf_RT * mask_RT).sum(1) / jnp.maximum(lengths_R, 1)
-    best_B = score_R.reshape(b, n).argmax(1)
-    pick = jnp.arange(b) * n + best_B
-    return DecodeResult(tokens=x_RT[pick], lengths=lengths_R[pick], score=score_R[pick])
+    def best(x_RT, conf_RT):
+        score_R = (conf_RT * mask_RT).sum(1) / jnp.maximum(lengths_R, 1)
+        pick = jnp.arange(b) * n + score_R.reshape(b, n).argmax(1)
+        return DecodeResult(tokens=x_RT[pick], lengths=lengths_R[pick], score=score_R[pick])
+
+    carry, results = (x_RT, jnp.zeros(mask_RT.shape, jnp.float32)), []
+    for m in range(steps_M.shape[0]):
+        carry = jax.lax.fori_loop(steps_M[m - 1] if m else 0, steps_M[m], step, carry)
+        results.append(best(*carry))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
 
 def _top_lengths(params: Seq2SeqParams, enc_BSD, source_mask_BS, top: int):
@@ -142,8 +152,31 @@ def nar_decode(params: Seq2SeqParams, source_BS, source_mask_BS, config: DecodeC
     Example:
         >>> # r = nar_decode(params, src_BS, src_mask_BS, DecodeConfig(steps=4, init="mask"), lengths=jnp.array([5]))
     """
+    return nar_decode_steps(params, source_BS, source_mask_BS, config, (config.steps,), key, lengths)[0]
+
+
+def nar_decode_steps(params: Seq2SeqParams, source_BS, source_mask_BS, config: DecodeConfig = DecodeConfig(),
+                     steps: Sequence[int] = (1, 2, 4, 8), key: jax.Array | None = None,
+                     lengths=None) -> list[DecodeResult]:
+    """`nar_decode` at each of several step counts (`steps` replaces `config.steps`), for the cost of the largest.
+
+    Without remask, refinement step i does not depend on the total, so the results after
+    1, 2, 4, ... steps lie on one trajectory: result j equals `nar_decode` with
+    `DecodeConfig(steps=steps[j])` and the same key. Remask spreads its schedule over the
+    total, so it takes one count only.
+
+    Example:
+        >>> # by_steps = nar_decode_steps(params, src_BS, src_mask_BS, DecodeConfig(init="mask"), steps=(1, 4, 8))
+        >>> # by_steps[2].tokens   # as nar_decode(..., DecodeConfig(steps=8, init="mask"))
+    """
     if params.config.autoregressive:
         raise ConfigError("nar_decode needs a non-autoregressive model; use ar_greedy for the AR baseline")
+    steps = [int(s) for s in steps]
+    if not steps or steps[0] < 1 or steps != sorted(set(steps)):
+        raise ConfigError(f"steps={steps} must be increasing step counts, each at least 1")
+    if config.remask and len(steps) > 1:
+        raise ConfigError("remask spreads its schedule over the total number of steps; decode one step count at a "
+                          "time (nar_decode) with remask=True")
     source_BS, source_mask_BS = jnp.asarray(source_BS, jnp.int32), jnp.asarray(source_mask_BS, jnp.int32)
     check_source(params.config, source_BS, source_mask_BS)
     lengths_BN = None  # predicted inside the jitted decoder, from the same encoder pass
@@ -155,4 +188,5 @@ def nar_decode(params: Seq2SeqParams, source_BS, source_mask_BS, config: DecodeC
             raise InputError(f"lengths must lie in [1, max_target={params.config.max_target}]")
     key = jax.random.key(0) if key is None else key
     static = dataclasses.replace(config, steps=1)
-    return _decode(params, source_BS, source_mask_BS, lengths_BN, key, jnp.int32(config.steps), static)
+    stacked = _decode(params, source_BS, source_mask_BS, lengths_BN, key, jnp.asarray(steps, jnp.int32), static)
+    return [jax.tree.map(lambda x, j=j: x[j], stacked) for j in range(len(steps))]

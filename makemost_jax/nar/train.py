@@ -22,17 +22,18 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.checkpoints.bundle import read_bundle_meta, restore_bundle, save_bundle
-from makemost_jax.errors import CheckpointError, ModelNotFoundError
+from makemost_jax.errors import CheckpointError, ConfigError, ModelNotFoundError
 from makemost_jax.models.config import ModelConfig
-from makemost_jax.nar.ar import ar_greedy, ar_loss
+from makemost_jax.nar.ar import ar_beam, ar_greedy, ar_loss
 from makemost_jax.nar.data import encode_sources
-from makemost_jax.nar.decode import DecodeConfig, nar_decode
+from makemost_jax.nar.decode import DecodeConfig, nar_decode, nar_decode_steps
 from makemost_jax.nar.model import Seq2SeqConfig, Seq2SeqParams
 from makemost_jax.nar.sundae import SundaeConfig, sundae_loss
 from makemost_jax.training import TrainConfig, evaluate, train
@@ -60,8 +61,11 @@ def resolve_mlm(source: str) -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+@functools.lru_cache(maxsize=16)
 def loss_function(config: Seq2SeqConfig, sundae: SundaeConfig = DEFAULT_SUNDAE):
     """The training loss of a model: SUNDAE for NAR, next-token cross entropy for AR.
+
+    Cached: models of one config share the function, so jitted evaluation compiles once for them.
 
     Example:
         >>> # loss_fn = loss_function(params.config, SundaeConfig(unroll_steps=2))
@@ -70,18 +74,41 @@ def loss_function(config: Seq2SeqConfig, sundae: SundaeConfig = DEFAULT_SUNDAE):
 
 
 def train_seq2seq(params: Seq2SeqParams, batches, config: TrainConfig, sundae: SundaeConfig = DEFAULT_SUNDAE,
-                  valid: list | None = None) -> tuple[Seq2SeqParams, dict]:
+                  valid: list | None = None, keep_steps: Sequence[int] = ()) -> tuple[Seq2SeqParams, dict]:
     """Train `params` on `batches` (e.g. `PairBatches`); returns `(params, history)`.
 
     With `valid` (a list of batches) and `config.eval_every`, `history["eval"]` holds the
     validation loss (the same loss as training; for SUNDAE with a fixed key).
+    `keep_steps` (multiples of `config.eval_every`, below `config.steps`) keeps copies of the
+    weights at those steps, on the host, in `history["kept"]` {step: Seq2SeqParams}: one run
+    scored at several budgets (the weights of the final step are the returned params).
 
     Example:
-        >>> # params, history = train_seq2seq(params, batches, TrainConfig(steps=200, eval_every=50), valid=v)
+        >>> # params, history = train_seq2seq(params, batches, TrainConfig(steps=200, eval_every=50), valid=v,
+        >>> #                                 keep_steps=(50, 100))
+        >>> # half_budget = history["kept"][100]
     """
+    keep_steps = sorted({int(s) for s in keep_steps})
+    every = config.eval_every
+    if keep_steps and (not every or any(s % every or not 0 < s < config.steps for s in keep_steps)
+                       or config.checkpoint_dir):
+        raise ConfigError(f"keep_steps={keep_steps} must be multiples of TrainConfig.eval_every={every} below "
+                          f"steps={config.steps}, without a checkpoint_dir (a resumed run would not pass them all)")
     loss_fn = loss_function(params.config, sundae)
-    eval_fn = None if valid is None else (lambda p: evaluate(p, valid, loss_fn))
-    state, history = train(config, params, batches, loss_fn=loss_fn, eval_fn=eval_fn)
+    kept: dict[int, Seq2SeqParams] = {}
+    calls = []
+
+    def eval_fn(p):
+        calls.append(None)
+        step = every * len(calls)  # evaluation runs at every multiple of eval_every (and the last step)
+        if step in keep_steps:
+            kept[step] = jax.device_get(p)  # a host copy: the next train step donates (deletes) these buffers
+        return {} if valid is None else evaluate(p, valid, loss_fn)
+
+    state, history = train(config, params, batches, loss_fn=loss_fn,
+                           eval_fn=eval_fn if valid is not None or keep_steps else None)
+    if keep_steps:
+        history["kept"] = kept
     return state.params, history
 
 
@@ -123,13 +150,21 @@ def load_seq2seq(directory: str) -> tuple[Seq2SeqParams, str | None]:
 
 
 def decode_tokens(params: Seq2SeqParams, source_BS, source_mask_BS, decode: DecodeConfig = DEFAULT_DECODE,
-                  key=None) -> tuple[np.ndarray, np.ndarray]:
-    """`(tokens (B, max_target), lengths (B,))` from the model's own decoder (NAR or AR greedy).
+                  key=None, beams: int = 1, length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`(tokens (B, max_target), lengths (B,))` from the model's own decoder (NAR, AR greedy or AR beam search).
+
+    `beams > 1` (AR only) keeps the best hypothesis of `ar_beam` (with its `length_penalty`).
 
     Example:
         >>> # tokens_BT, lengths_B = decode_tokens(params, source_BS, source_mask_BS, DecodeConfig(steps=4))
+        >>> # tokens_BT, lengths_B = decode_tokens(ar_params, source_BS, source_mask_BS, beams=4)
     """
-    if params.config.autoregressive:
+    if beams > 1 and not params.config.autoregressive:
+        raise ConfigError(f"beams={beams}: beam search is for the AR baseline; the NAR model refines in parallel")
+    if beams > 1:
+        tokens, lengths, _ = ar_beam(params, source_BS, source_mask_BS, beams=beams, length_penalty=length_penalty)
+        tokens, lengths = tokens[:, 0], lengths[:, 0]
+    elif params.config.autoregressive:
         tokens, lengths = ar_greedy(params, source_BS, source_mask_BS)
     else:
         result = nar_decode(params, source_BS, source_mask_BS, decode, key=key)
@@ -137,24 +172,64 @@ def decode_tokens(params: Seq2SeqParams, source_BS, source_mask_BS, decode: Deco
     return np.asarray(tokens), np.asarray(lengths)
 
 
+def _padded_batches(source, source_mask, batch_size: int):
+    """(source, mask, rows) per batch; the last batch repeats its first row up to full size, so it compiles once."""
+    for start in range(0, len(source), batch_size):
+        src, msk = source[start:start + batch_size], source_mask[start:start + batch_size]
+        n = len(src)
+        if n < batch_size:
+            src = np.concatenate([src, np.repeat(src[:1], batch_size - n, 0)])
+            msk = np.concatenate([msk, np.repeat(msk[:1], batch_size - n, 0)])
+        yield src, msk, n
+
+
+def decode_batched(params: Seq2SeqParams, source, source_mask, decode: DecodeConfig = DEFAULT_DECODE,
+                   batch_size: int = 32, key=None, beams: int = 1,
+                   length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`decode_tokens` over any number of encoded sources, `batch_size` at a time; `(tokens (N, T), lengths (N,))`.
+
+    Example:
+        >>> # tokens_NT, lengths_N = decode_batched(ar_params, data["source"], data["source_mask"], beams=4)
+    """
+    tokens, lengths = [], []
+    for src, msk, n in _padded_batches(np.asarray(source), np.asarray(source_mask), batch_size):
+        t, n_t = decode_tokens(params, src, msk, decode, key, beams, length_penalty)
+        tokens.append(t[:n])
+        lengths.append(n_t[:n])
+    return np.concatenate(tokens), np.concatenate(lengths)
+
+
 def translate(params: Seq2SeqParams, tokenizer, texts: list[str], decode: DecodeConfig = DEFAULT_DECODE,
-              batch_size: int = 32, key=None) -> list[str]:
+              batch_size: int = 32, key=None, beams: int = 1, length_penalty: float = 0.0) -> list[str]:
     """Decode each text (batched; the last batch is padded to full size so it compiles once).
+
+    `beams > 1`: AR beam search (see `decode_tokens`).
 
     Example:
         >>> # translate(params, tok, ["Thou shalt not kill."], DecodeConfig(steps=10))
     """
-    texts = list(texts)
-    source, source_mask = encode_sources(tokenizer, texts, params.config)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        src, msk = source[start:start + batch_size], source_mask[start:start + batch_size]
-        n = len(src)
-        if n < batch_size:  # repeat the first row: same shapes, same compiled function
-            src = np.concatenate([src, np.repeat(src[:1], batch_size - n, 0)])
-            msk = np.concatenate([msk, np.repeat(msk[:1], batch_size - n, 0)])
-        tokens, lengths = decode_tokens(params, src, msk, decode, key)
-        out += [tokenizer.decode(tokens[i, :lengths[i]]) for i in range(n)]
+    source, source_mask = encode_sources(tokenizer, list(texts), params.config)
+    tokens, lengths = decode_batched(params, source, source_mask, decode, batch_size, key, beams, length_penalty)
+    return [tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
+
+
+def translate_steps(params: Seq2SeqParams, tokenizer, texts: list[str], steps=(1, 2, 4, 8),
+                    decode: DecodeConfig = DEFAULT_DECODE, batch_size: int = 32, key=None) -> dict[int, list[str]]:
+    """NAR translations after each step count in `steps`, from one refinement run (`nar_decode_steps`).
+
+    `{s: translate(params, tokenizer, texts, DecodeConfig(steps=s, ...), batch_size, key)}` for the
+    cost of the largest count (`decode.steps` is ignored; remask takes one count only).
+
+    Example:
+        >>> # by_steps = translate_steps(params, tok, ["Thou shalt not kill."], steps=(1, 4, 8))
+        >>> # by_steps[8] == translate(params, tok, ["Thou shalt not kill."], DecodeConfig(steps=8))
+    """
+    source, source_mask = encode_sources(tokenizer, list(texts), params.config)
+    out = {int(s): [] for s in steps}
+    for src, msk, n in _padded_batches(source, source_mask, batch_size):
+        for s, result in zip(out, nar_decode_steps(params, src, msk, decode, tuple(out), key=key)):
+            tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+            out[s] += [tokenizer.decode(tokens[i, :lengths[i]]) for i in range(n)]
     return out
 
 
@@ -180,17 +255,22 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
 
 
 def timed_decode(params: Seq2SeqParams, source_BS, source_mask_BS, decode: DecodeConfig = DEFAULT_DECODE,
-                 repeats: int = 3) -> dict:
+                 repeats: int = 3, beams: int = 1, length_penalty: float = 0.0) -> dict:
     """Median decoding time (warm-up excluded) and output tokens/s on one batch.
+
+    `beams > 1` times AR beam search (output tokens = those of the best hypothesis).
 
     Example:
         >>> # timed_decode(params, src_BS, msk_BS, DecodeConfig(steps=4))["tokens_per_s"]
     """
-    decode_tokens(params, source_BS, source_mask_BS, decode)  # compile
+    def run():
+        return decode_tokens(params, source_BS, source_mask_BS, decode, beams=beams, length_penalty=length_penalty)
+
+    run()  # compile
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _, lengths = decode_tokens(params, source_BS, source_mask_BS, decode)
+        _, lengths = run()
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     return {"seconds": seconds, "tokens": int(lengths.sum()), "tokens_per_s": float(lengths.sum()) / seconds}
