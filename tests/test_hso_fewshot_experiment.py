@@ -7,27 +7,18 @@ grid, the paired intervals are computed from the per-draw accuracies, and every 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import run_quick
 
 pytestmark = pytest.mark.slow  # loads the real model
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "hso_fewshot_experiment.py"
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("hso_fewshot")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "hso_fewshot_quick.json").read_text()), out
+    return run_quick("hso_fewshot_experiment", "hso_fewshot", out)[1], out
 
 
 def test_quick_run_keeps_dev_test_and_demonstrations_apart(quick):

@@ -8,27 +8,22 @@ source subset and one budget, and that the JSON, Markdown, plot and report rows 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_quick
 
 pytestmark = pytest.mark.slow  # trains MiniLM-sized models (about 5 minutes on one core)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "nar_distill_experiment.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("nar_distill")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "nar_distill_quick.json").read_text()), out
+    return run_quick("nar_distill_experiment", "nar_distill", out, timeout=900)[1], out
 
 
 def test_quick_run_writes_every_file(quick):
