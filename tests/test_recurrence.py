@@ -31,6 +31,7 @@ from makemost_jax.recurrence import (
     recurrence_loss,
     run_windows,
     save_module,
+    split_sequence,
     train_recurrence,
     window_step,
 )
@@ -208,6 +209,21 @@ def test_compiled_flops_count_every_layer():
     per_layer = two - one
     assert per_layer > 0.3 * one  # a layer is a large share of this tiny model
     np.testing.assert_allclose(four - two, 2 * per_layer, rtol=1e-3)
+
+
+def test_loss_without_memory_is_the_lm_on_disjoint_windows():
+    """`{"lm": lm}` alone (the finetuning control) scores each window on its own, and its gradient reaches the LM."""
+    lm = tiny_lm("llama")
+    batch = {"tokens": tokens((2, 3 * 16 + 1)), "loss_mask": jnp.ones((2, 48)).at[1, 40:].set(0.0)}
+    loss, metrics = recurrence_loss(window=16)({"lm": lm}, batch)
+    inputs, targets, mask = (np.asarray(x) for x in split_sequence(batch, 16))
+    nll = [-mm.token_logprobs(mm.forward(lm, jnp.asarray(inputs[b, n][None])).logits, jnp.asarray(targets[b, n][None]))
+           for b in range(2) for n in range(3)]
+    expected = float((np.concatenate([np.asarray(x)[0] for x in nll]) * mask.reshape(-1)).sum() / mask.sum())
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(metrics["tokens"]) == 88.0
+    grads = jax.grad(lambda p: recurrence_loss(window=16)(p, batch)[0])({"lm": lm})
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0.0
 
 
 def test_sharded_training_step_equals_one_device():

@@ -113,6 +113,8 @@ def evaluate_windows(lm: Params, documents: Sequence[Sequence[int]], window: int
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
     docs = sorted(_documents(documents, lm.config.vocab_size), key=len, reverse=True)
+    # No chunk longer than the longest document needs: the padding windows would cost a full pass each.
+    chunk_windows = min(chunk_windows, -(-(len(docs[0]) - 1) // window))
     span = chunk_windows * window
     nll_sum, n_tokens = 0.0, 0
     total_chunks = sum(-(-(len(docs[i]) - 1) // span) for i in range(0, len(docs), batch_size))
@@ -163,24 +165,27 @@ def evaluate_sliding(lm: Params, documents: Sequence[Sequence[int]], window: int
                           sum(r.n_tokens for r in results), len(docs), time.perf_counter() - t0)
 
 
-def compiled_stats(fn, *args) -> dict:
+def compiled_stats(fn, *args, flops: bool = True) -> dict:
     """XLA's FLOPs and bytes for `jax.jit(fn)(*args)`, compiled but not run.
 
     The FLOPs are counted on the program traced with the model's layers unrolled (XLA counts
     a loop's body once, so the scanned program would count one layer); the bytes are those
     of the program that runs. `peak_bytes` = arguments + temporaries + outputs - outputs
     aliased to inputs (the convention of benchmarks/bench_train_memory.py). `args` may be
-    `ShapeDtypeStruct`s.
+    `ShapeDtypeStruct`s. `flops=False` skips the unrolled compilation (slow for deep
+    models) and reports only the bytes.
 
     Example:
         >>> compiled_stats(lambda x: x @ x, jnp.ones((4, 4)))["flops"]
         128.0
     """
-    with unrolled_layers():  # a fresh function: jit's trace cache must not hand the unrolled program back later
-        cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = {}
+    if flops:
+        with unrolled_layers():  # a fresh function: jit's trace cache must not hand the unrolled program back later
+            cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": mem.argument_size_in_bytes,
+    return {"flops": float(cost.get("flops", 0.0)) if flops else None, "argument_bytes": mem.argument_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                            - mem.alias_size_in_bytes)}

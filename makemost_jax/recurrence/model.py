@@ -136,7 +136,9 @@ def recurrence_loss(window: int, remat: bool = True):
 
     Trainable `params` is `{"memory": MemoryParams}` with the LM passed as `frozen`
     (the default), or `{"memory": ..., "lm": Params}` to finetune everything
-    (`frozen=None`). Each batch row (`tokens` (B, N*W + 1), `loss_mask` (B, N*W), as
+    (`frozen=None`), or `{"lm": Params}` alone: the LM finetuned on the same disjoint
+    windows without memory (the control that separates recurrence from domain
+    adaptation). Each batch row (`tokens` (B, N*W + 1), `loss_mask` (B, N*W), as
     `DocumentContiguousBatches(window=N*W)` yields) starts from the initial memory;
     gradients flow through the memory across its N windows. Returns
     `(mean NLL over scored targets, {"tokens": count})`.
@@ -146,11 +148,11 @@ def recurrence_loss(window: int, remat: bool = True):
         >>> # train(TrainConfig(...), {"memory": module}, batches, loss_fn, frozen=lm)
     """
     def loss_fn(params, batch, *, rng=None, frozen=None):
-        module = params["memory"]
-        lm = params["lm"] if frozen is None else frozen
+        module = params.get("memory")
+        lm = params.get("lm") if frozen is None else frozen
         if not isinstance(lm, Params):
             raise ConfigError("recurrence_loss needs the LM: pass it as frozen=lm, or put it in the trainable "
-                              'params as {"memory": module, "lm": lm} to finetune it')
+                              'params as {"memory": module, "lm": lm} (or {"lm": lm} alone) to finetune it')
         inputs, targets, mask = split_sequence(batch, window)
         _, nll_BNW = run_windows(module, lm, inputs, mask > 0, targets, remat=remat)
         count = mask.sum()
