@@ -48,7 +48,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, machine_line, report_row, write_results
+from common import RESULTS, ROOT, command_line, machine, machine_line, report_row, write_results
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -217,7 +217,7 @@ def two_rate_adamw(steps: int, warmup: int, rates: dict[str, float]) -> optax.Gr
         return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.0))
 
     return optax.multi_transform({name: adamw(lr) for name, lr in rates.items()},
-                                 lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+                                 lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
 
 
 def train_unit(kind: str, lm, tok, train_docs: list[str], window: int, args):
@@ -225,7 +225,7 @@ def train_unit(kind: str, lm, tok, train_docs: list[str], window: int, args):
     data = DocumentContiguousBatches([{"text": t} for t in train_docs], tok, batch_size=args.batch,
                                      window=args.seq, seed=args.seed)
     warmup = max(1, args.steps // 10)
-    base = dict(steps=args.steps, warmup_steps=warmup, seed=args.seed, log_every=5, progress=False)
+    base = {"steps": args.steps, "warmup_steps": warmup, "seed": args.seed, "log_every": 5, "progress": False}
     module_config = RecurrenceConfig(num_memory=args.num_memory)
     t0 = time.perf_counter()
     if kind == "frozen":
@@ -335,7 +335,11 @@ def report(args, stem: str, unit_dir: Path):
     rows = [r for s in saved for r in s["rows"]]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("report_only", "units", "out_dir")}
-    payload = {"machine": saved[0]["machine"], "model": saved[0]["model"], "settings": settings,
+    # The command that reproduces the results: how the units were split, or a report-only rerun, is not part of it.
+    words = command_line().split()
+    command = " ".join(w for i, w in enumerate(words) if w not in ("--units", "--report-only")
+                       and (i == 0 or words[i - 1] != "--units"))
+    payload = {"machine": saved[0]["machine"], "command": command, "model": saved[0]["model"], "settings": settings,
                "unit_seconds": {s["unit"]: s["seconds"] for s in saved}, "rows": rows}
     lines = verdict(rows)
     markdown = markdown_report(payload, lines, stem)
@@ -354,12 +358,12 @@ def verdict(rows) -> list[str]:
     no more FLOPs per token, and no more scoring memory."""
     by = {(r["domain"], r["method"], r["window"]): r for r in rows}
     lines = []
-    for domain in DOMAINS:
+    for domain, domain_name in DOMAINS.items():
         for window in sorted({r["window"] for r in rows if r["method"] == METHODS["frozen"]}):
             frozen, tuned = by[(domain, METHODS["frozen"], window)], by[(domain, METHODS["finetuned"], window)]
             disjoint, control = by[(domain, "disjoint", window)], by[(domain, METHODS["finetune-only"], window)]
             reset = by[(domain, NO_CARRY, window)]
-            line = (f"- {DOMAINS[domain]}, W={window}: frozen-LM recurrence {frozen['ppl']:.2f} vs disjoint "
+            line = (f"- {domain_name}, W={window}: frozen-LM recurrence {frozen['ppl']:.2f} vs disjoint "
                     f"{disjoint['ppl']:.2f} ({frozen['ppl'] / disjoint['ppl'] - 1:+.1%}) and vs the same module with "
                     f"its memory reset every window {reset['ppl']:.2f} ({frozen['ppl'] / reset['ppl'] - 1:+.1%}); "
                     "recurrence + finetuning "
@@ -389,8 +393,8 @@ def markdown_report(payload: dict, lines: list[str], stem: str) -> str:
              "the stride). Training peak: XLA memory analysis of one gradient step on the training batch, "
              "`jax.checkpoint` per window."), "",
             f"Wall time per unit (s): {', '.join(f'{k} {v:.0f}' for k, v in payload['unit_seconds'].items())}.", ""]
-    table = ["| domain | W | method | stride | ppl | MFLOP/token | scoring peak (MiB) | training peak (MiB) | "
-             "train loss first -> last 5 |", "|---|---|---|---|---|---|---|---|---|"]
+    table = [("| domain | W | method | stride | ppl | MFLOP/token | scoring peak (MiB) | training peak (MiB) | "
+              "train loss first -> last 5 |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["domain"], r["window"])):
         peak = f"{r['train_peak_bytes'] / MiB:.0f}" if "train_peak_bytes" in r else ""
         loss = (f"{r['training']['first_loss']:.3f} -> {r['training']['mean_loss_last_5']:.3f}"
@@ -403,12 +407,12 @@ def markdown_report(payload: dict, lines: list[str], stem: str) -> str:
 def report_rows(rows, args) -> list[dict]:
     by = {(r["domain"], r["method"], r["window"]): r for r in rows}
     out = []
-    for domain in DOMAINS:
+    for domain, domain_name in DOMAINS.items():
         for w in args.windows:
             f, t = by[(domain, METHODS["frozen"], w)], by[(domain, METHODS["finetuned"], w)]
             d, c, s4 = by[(domain, "disjoint", w)], by[(domain, METHODS["finetune-only"], w)], by[(domain, "sliding W/4", w)]
             reset = by[(domain, NO_CARRY, w)]
-            out.append(report_row("Recurrence", f"SmolLM2-135M perplexity, {DOMAINS[domain]}, W={w} "
+            out.append(report_row("Recurrence", f"SmolLM2-135M perplexity, {domain_name}, W={w} "
                                                  f"({args.steps} x {args.batch * args.seq} training tokens)",
                                   f"frozen-LM recurrence {f['ppl']:.2f} (memory reset each window "
                                   f"{reset['ppl']:.2f}) vs disjoint {d['ppl']:.2f}; with finetuning "
@@ -435,7 +439,7 @@ def plot(rows, path: Path):
                              if r["method"] == m and r["domain"] == domain and key in r)
                 if not pts:
                     continue
-                xs, ys, ws = zip(*pts)
+                xs, ys, _ = zip(*pts)
                 ax.plot(xs, ys, "o-" if len(pts) > 1 else "*", color=f"C{methods.index(m)}", label=m,
                         markersize=6 if len(pts) > 1 else 12)
                 for x, y, w in pts:
