@@ -20,7 +20,8 @@ scoring peak come from XLA's compiled cost and memory analyses of one window's s
 training peak from XLA's memory analysis of one gradient step (`jax.checkpoint` per window, the library's
 default; the runs themselves train without it, which gives the same gradients faster).
 
-Work is split into units (`full`, and `W:baselines`, `W:frozen`, `W:finetuned`, `W:finetune-only` per W), each
+Work is split into units (`full`, and `W:baselines`, `W:sink`, `W:frozen`, `W:finetuned`, `W:finetune-only`
+per W), each
 saved when done under `<out-dir>/recurrence_smollm2_units/`: a killed run resumes where it stopped, and two
 processes can share the units (`--units`; one skips a unit that another live process is running) to use both
 cores. The report is written once every unit is there.
@@ -35,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -48,7 +50,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, command_line, machine, machine_line, report_row, write_results
+from common import RESULTS, ROOT, MiB, command_line, machine, machine_line, report_row, write_results
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -62,9 +64,8 @@ from makemost_jax.recurrence import (
     train_recurrence,
     window_costs,
 )
-from makemost_jax.training import TrainConfig, lm_loss, train
+from makemost_jax.training import TrainConfig, lm_loss, make_optimizer, train
 
-MiB = 2 ** 20
 STEM = "recurrence_smollm2"
 KINDS = ("baselines", "sink", "frozen", "finetuned", "finetune-only")
 SINK = "disjoint + BOS sink"
@@ -189,8 +190,8 @@ def score(lm, docs: dict[str, list[np.ndarray]], window: int, stride: int | None
     out = {}
     for domain, doc_list in docs.items():
         if not carry:
-            results = [evaluate_windows(lm, windows_of(d, window, sink), window, module,
-                                        batch_size=len(windows_of(d, window, sink))) for d in doc_list]
+            pieces = [windows_of(d, window, sink) for d in doc_list]
+            results = [evaluate_windows(lm, p, window, module, batch_size=len(p)) for p in pieces]
         else:
             results = [evaluate_sliding(lm, [d], window, stride) if stride else
                        evaluate_windows(lm, [d], window, module, batch_size=1) for d in doc_list]
@@ -209,14 +210,11 @@ def rows_for(method: str, window: int, stride: int, scores: dict, costs: dict, e
     return rows
 
 
-def two_rate_adamw(steps: int, warmup: int, rates: dict[str, float]) -> optax.GradientTransformation:
-    """The training loop's default optimizer (clip 1.0, AdamW b2 0.95, warmup then cosine to 10%), with a
-    learning rate per top-level group of the trainable dict."""
-    def adamw(lr):
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
-        return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.0))
-
-    return optax.multi_transform({name: adamw(lr) for name, lr in rates.items()},
+def two_rate_optimizer(config: TrainConfig, rates: dict[str, float]) -> optax.GradientTransformation:
+    """The training loop's own optimizer for `config` (`make_optimizer`), with a learning rate per top-level
+    group of the trainable dict."""
+    return optax.multi_transform({name: make_optimizer(dataclasses.replace(config, learning_rate=lr))[0]
+                                  for name, lr in rates.items()},
                                  lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()})
 
 
@@ -233,7 +231,7 @@ def train_unit(kind: str, lm, tok, train_docs: list[str], window: int, args):
                                module_config=module_config, remat=False)
         module, scored_lm, history = run.module, lm, run.history
     elif kind == "finetuned":
-        optimizer = two_rate_adamw(args.steps, warmup, {"memory": args.module_lr, "lm": args.lm_lr})
+        optimizer = two_rate_optimizer(TrainConfig(**base), {"memory": args.module_lr, "lm": args.lm_lr})
         run = train_recurrence(lm, data, window, TrainConfig(optimizer=optimizer, **base),
                                module_config=module_config, finetune=True, remat=False)
         module, scored_lm, history = run.module, run.lm, run.history
