@@ -95,10 +95,10 @@ VARIANTS = {
                                              "decoder_start_token_id": 1000},
                             batch=2, beams=3, new_tokens=8, family="marian"),
 }
-OPUS_MT = dict(vocab_size=65001, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-               decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
-               scale_embedding=True, pad_token_id=65000, eos_token_id=0, decoder_start_token_id=65000,
-               forced_eos_token_id=None)
+OPUS_MT = {"vocab_size": 65001, "d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 8,
+               "decoder_attention_heads": 8, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048, "max_position_embeddings": 512,
+               "scale_embedding": True, "pad_token_id": 65000, "eos_token_id": 0, "decoder_start_token_id": 65000,
+               "forced_eos_token_id": None}
 
 
 def _model(v: Variant, device: str):

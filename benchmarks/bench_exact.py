@@ -33,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, machine, machine_line, report_row, write_results  # noqa: E402
-from real_modes import CHAT_PROMPTS, PLAIN_PROMPTS  # noqa: E402
+from common import command_line, machine, machine_line, report_row, write_results
+from real_modes import CHAT_PROMPTS, PLAIN_PROMPTS
 
 PROMPT = "The capital of France is"
 
@@ -137,11 +137,11 @@ def before(ref: str, args) -> dict:
 def markdown(after: dict, old: dict | None, proofs: list[dict], info: dict, args) -> str:
     lines = [f"# Exact search throughput on SmolLM2-135M ({info.get('backend', 'cpu')})", "",
              machine_line(info), "", f"Command: `{command_line()}`", "",
-             f"Question: `exact_length_modes` of {PROMPT!r} ({after['prompt_tokens']} tokens), lengths "
+             (f"Question: `exact_length_modes` of {PROMPT!r} ({after['prompt_tokens']} tokens), lengths "
              f"0..{args.max_length}, node budget {args.budget}, {args.batch} prefixes per call, seeded by beam search; "
              "each search run twice, the second timed (the first compiles). "
              f"Bare rate: no seed, budget {args.rate_budget}. Decode rate: one jitted one-token step at batch "
-             f"{args.batch} on the same cache shape, median of {args.repeats}.", "",
+             f"{args.batch} on the same cache shape, median of {args.repeats}."), "",
              "| code | lengths proved | wall (s) | nodes | bare nodes/s | decode tokens/s | bare / decode |",
              "|---|---|---|---|---|---|---|"]
     for name, r in ((f"before ({args.before})", old), ("after", after)):
@@ -154,14 +154,14 @@ def markdown(after: dict, old: dict | None, proofs: list[dict], info: dict, args
     lines += [f"| {m['length']} | {m['text']!r} | " + ("-" if m["loglik"] is None else f"{m['loglik']:.2f}")
               + f" | {m['proved_optimal']} | {m['nodes_expanded']} |" for m in after["modes"]]
     if proofs:
-        lines += ["", f"Proof rates: the length-L modes of {proofs[0]['questions']} prompts (real_modes.py's chat and "
-                  "plain prompts), searched together.", "",
+        lines += ["", (f"Proof rates: the length-L modes of {proofs[0]['questions']} prompts (real_modes.py's chat and "
+                  "plain prompts), searched together."), "",
                   "| length | node budget per question | proved | nodes | wall (s) |", "|---|---|---|---|---|"]
         lines += [f"| {r['length']} | {r['node_budget']} | {r['proved']}/{r['questions']} | {r['nodes']} | "
                   f"{r['seconds']:.0f} |" for r in proofs]
     if old is not None:
-        lines += ["", f"wall time after / before: {after['seconds'] / old['seconds']:.2f}x; bare nodes/s after / "
-                  f"before: {after['bare']['nodes_per_s'] / old['bare']['nodes_per_s']:.2f}x"]
+        lines += ["", (f"wall time after / before: {after['seconds'] / old['seconds']:.2f}x; bare nodes/s after / "
+                  f"before: {after['bare']['nodes_per_s'] / old['bare']['nodes_per_s']:.2f}x")]
     lines.append(f"bare expansion rate / decode rate (after): "
                  f"{after['bare']['nodes_per_s'] / after['decode']['tokens_per_s']:.2f}")
     return "\n".join(lines)

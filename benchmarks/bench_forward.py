@@ -49,9 +49,9 @@ SHAPES = {
 # One ~100M-parameter-class shape per family (random weights, each family's own features
 # switched on: windows shorter than the sequence, soft-capping, partial rotary, projections),
 # so that no family is a slow path: `--shapes families`.
-_FAMILY = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-               attn_implementation="sdpa")
+_FAMILY = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+               "attn_implementation": "sdpa"}
 FAMILY_SHAPES = {
     "mistral": lambda: transformers.MistralConfig(**_FAMILY, sliding_window=128),
     "qwen2": lambda: transformers.Qwen2Config(**_FAMILY, use_sliding_window=True, sliding_window=128,

@@ -32,14 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, machine, report_row
+from common import MiB, command_line, machine, report_row
 
 import makemost_jax as mm
 from makemost_jax.recurrence import RecurrenceConfig, init_memory_module, recurrence_loss
 from makemost_jax.training import TrainConfig, TrainState, lm_loss, make_optimizer, make_train_step
 
 RESULTS = ROOT / "benchmarks" / "results"
-MIB = 2**20
 
 
 def measure(name, config, params, batch, loss_fn, frozen, repeats) -> dict:
@@ -64,7 +63,7 @@ def measure(name, config, params, batch, loss_fn, frozen, repeats) -> dict:
            "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
            "trained_parameters": sum(int(x.size) for x in jax.tree.leaves(params))}
     print(f"{name:28s} {seconds * 1e3:9.1f} ms/step  {row['tokens_per_s']:9.0f} tokens/s  "
-          f"peak {peak / MIB:8.1f} MiB (temporaries {mem.temp_size_in_bytes / MIB:8.1f})", flush=True)
+          f"peak {peak / MiB:8.1f} MiB (temporaries {mem.temp_size_in_bytes / MiB:8.1f})", flush=True)
     return row
 
 
@@ -135,7 +134,7 @@ def main(argv=None):
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['trained_parameters']:,} | {r['step_s'] * 1e3:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_bytes'] / MIB:.1f} | {r['temp_bytes'] / MIB:.1f} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_bytes'] / MiB:.1f} | {r['temp_bytes'] / MiB:.1f} |")
     lines += ["", (f"Recurrence: {summary['tokens_per_s_vs_full']:.2f}x the tokens/s of full-context training, "
                    f"{summary['peak_vs_full']:.2f}x its peak memory ({summary['peak_vs_full_remat']:.2f}x that of "
                    "full context with per-layer remat).")]

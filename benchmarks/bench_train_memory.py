@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, machine, report_row
+from common import MiB, command_line, machine, report_row
 
 import makemost_jax as mm
 from makemost_jax.sharding import MeshConfig, activate, batch_sharding, make_mesh
@@ -63,14 +63,13 @@ MESHES = {
     "fsdp 4 x tensor 2": (1, 4, 2, "none"),
     "fsdp, remat=full per layer": (1, 8, 1, "full"),
 }
-MIB = 2**20
 
 
 def memory_report_rows(payload: dict) -> list[dict]:
     """Headline rows for docs/RESULTS.md: per-device peak of the training step on each mesh."""
     return [report_row("Training", f"per-device peak of a {payload['shape']} training step, {r['batch']}, "
                                    f"8 simulated devices, {r['mesh']}, remat {r['remat']}",
-                       f"{r['peak_bytes'] / MIB:,.0f} MiB (state {r['state_bytes_per_device'] / MIB:,.0f} MiB)")
+                       f"{r['peak_bytes'] / MiB:,.0f} MiB (state {r['state_bytes_per_device'] / MiB:,.0f} MiB)")
             for r in payload["rows"]]
 
 
@@ -122,8 +121,8 @@ def run_memory(args):
         row = compiled_memory(name, args.rows_per_device, args.length)
         row["state_fraction"] = row["state_bytes_per_device"] / total_state
         rows.append(row)
-        print(f"{name:32s} state/device {row['state_bytes_per_device'] / MIB:8.1f} MiB "
-              f"({row['state_fraction']:.3f} of all)  peak {row['peak_bytes'] / MIB:8.1f} MiB  "
+        print(f"{name:32s} state/device {row['state_bytes_per_device'] / MiB:8.1f} MiB "
+              f"({row['state_fraction']:.3f} of all)  peak {row['peak_bytes'] / MiB:8.1f} MiB  "
               f"[compile {row['compile_s']:.0f} s]", flush=True)
     info = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -136,7 +135,7 @@ def run_memory(args):
         "",
         f"Machine: {', '.join(f'{k}={v}' for k, v in info.items())}",
         "",
-        (f"AdamW, float32 master weights + moments ({total_state / MIB:.0f} MiB in all), bfloat16 compute, "
+        (f"AdamW, float32 master weights + moments ({total_state / MiB:.0f} MiB in all), bfloat16 compute, "
          f"{args.rows_per_device} row(s) of {args.length} tokens per batch device. Bytes are XLA's "
          "`memory_analysis()` of the compiled step for one device: state = params + optimizer state "
          "resident on it; peak = arguments + temporaries + outputs - outputs aliased to donated inputs. "
@@ -148,8 +147,8 @@ def run_memory(args):
     ]
     for r in rows:
         lines.append(f"| {r['mesh']} ({r['data']} x {r['fsdp']} x {r['tensor']}) | {r['remat']} | {r['batch']} "
-                     f"| {r['state_bytes_per_device'] / MIB:.1f} | {r['state_fraction']:.3f} "
-                     f"| {r['temp_bytes'] / MIB:.1f} | {r['peak_bytes'] / MIB:.1f} |")
+                     f"| {r['state_bytes_per_device'] / MiB:.1f} | {r['state_fraction']:.3f} "
+                     f"| {r['temp_bytes'] / MiB:.1f} | {r['peak_bytes'] / MiB:.1f} |")
     (RESULTS / "train_memory.md").write_text("\n".join(lines) + "\n")
     fsdp = next(r for r in rows if r["mesh"] == "fsdp")
     print(f"fsdp keeps {fsdp['state_fraction']:.3f} of params+optimizer per device (1/8 = 0.125)")

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -90,6 +91,40 @@ def command_line() -> str:
     script = Path(sys.argv[0]).resolve()
     name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script.name
     return " ".join(["python", str(name), *sys.argv[1:]])
+
+
+def claim(path: Path) -> bool:
+    """Take the unit of work saved at `path` for this process, unless another live process holds it.
+
+    Experiments split into units (each saved as a file when done) let two processes pinned to one core each
+    share the work, and a killed run resume: a unit file that exists is done, a `.claim` file names its runner.
+    """
+    lock = path.with_suffix(".claim")
+    try:
+        holder = int(lock.read_text())
+        os.kill(holder, 0)  # raises when that process is gone
+        return False
+    except (OSError, ValueError):
+        lock.write_text(str(os.getpid()))
+        return True
+
+
+def wait_for(path: Path, poll_s: float = 20.0) -> None:
+    """Block until the unit saved at `path` exists; fail if nobody is running it (run that unit first)."""
+    lock = path.with_suffix(".claim")
+    while not path.exists():
+        try:
+            os.kill(int(lock.read_text()), 0)
+        except (OSError, ValueError):
+            raise SystemExit(f"{path.name} is needed and neither saved nor running: run its unit first") from None
+        time.sleep(poll_s)
+
+
+def unit_free_command() -> str:
+    """`command_line()` without `--units X` and `--report-only`: how units were split is not how to reproduce."""
+    words = command_line().split()
+    return " ".join(w for i, w in enumerate(words) if w not in ("--units", "--report-only")
+                    and (i == 0 or words[i - 1] != "--units"))
 
 
 def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | None = None,

@@ -21,23 +21,31 @@ controls that credit each part. Task kjv->web (bible-kjv-web), all-MiniLM-L6-v2 
    schedule), each scored with its own dev-chosen setting.
 6. Decoding speed, same process: NAR at its chosen setting vs AR greedy and AR beam, batch 1 and 32.
 
-    taskset -c 1 python benchmarks/nar_distill_experiment.py           # full run: 80-90 minutes on one core
+The work is split into units (teacher, mlm_distilled, random_distilled, mlm_raw, speed), each saved under
+`<out-dir>/nar_distill_units/` when done: a killed run resumes where it stopped, and two processes pinned to
+one core each share the units (one skips a unit that another live process runs, and a student waits for the
+teacher unit's distilled targets). The raw-reference control needs no teacher, so it starts at once:
+
+    taskset -c 0 python benchmarks/nar_distill_experiment.py --units teacher,mlm_distilled,speed &
+    taskset -c 1 python benchmarks/nar_distill_experiment.py --units mlm_raw,random_distilled &  # full run
     python benchmarks/nar_distill_experiment.py --quick     # end-to-end check, ~4.5 min on one core, into /tmp
 
 Sizing of the full run, from timings on one core of the 2-core EPYC: AR train step (8 pairs) 1.08 s, NAR
-(SUNDAE) step 1.85 s, 4-beam search 0.17 s per source at worst (untrained teacher, 33 steps), NAR
-scoring of one (student, budget) 50-180 s (dev grid + test; 3 length candidates triple the rows). Teacher
-1400 steps ~26 min, scoring ~2 min, distillation of 2560 sources <= 7 min, 3 students x 320 steps ~32 min,
-7 (student, budget) scorings 6-21 min, speed ~2.5 min: 80-90 minutes in all.
+(SUNDAE) step 1.2-1.85 s, 4-beam search ~6 sources/s, NAR scoring of one (student, budget) 50-180 s (dev
+grid + test; 3 length candidates triple the rows). Teacher 1400 steps ~26 min, scoring ~2 min, distillation
+of 5600 sources ~15 min; each student 1400 steps 30-45 min plus 1-3 scorings; speed ~2.5 min: about 90
+minutes of wall time on two cores (three hours of one core). The students see each distilled pair twice.
 
 Writes benchmarks/results/nar_distill.json / .md / .png (`--quick`: nar_distill_quick.* in `--out-dir`, by
-default $TMPDIR/nar_distill_quick; never in benchmarks/results). `--save-teacher DIR` keeps the trained
-teacher and `--teacher DIR` reuses it (its training time is then not in the total).
+default $TMPDIR/nar_distill_quick; never in benchmarks/results). The trained teacher is kept in the units
+folder (`teacher_params`, not committed; its distilled targets `distilled.npz` are); `--teacher DIR` reuses one
+(its training time is then not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -49,16 +57,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
-from common import command_line, machine, machine_line, report_row
+from common import machine, machine_line, report_row
 
 import makemost_jax as mm
 from makemost_jax import nar
 from makemost_jax.training import TrainConfig
 
-# Full run, sized for ONE core of the 2-core EPYC (80-90 minutes; the sizing is in the module doc). Each distilled
-# pair is seen once in the students' 320 x 8 pairs.
+# Full run, sized for the two cores of the 2-core EPYC (about 90 minutes; the sizing is in the module doc). The
+# students' budget is the one that took the MLM-initialised NAR to 26 BLEU in nar_experiment (1400 x 8 pairs).
 FULL = {"teacher_steps": 1400, "teacher_lr": 1e-4, "batch": 8, "beams": 4, "length_penalties": (0.0, 1.0),
-        "distill_pairs": 2560, "student_steps": 320, "student_lr": 5e-4, "decode_steps": (1, 2, 4, 8),
+        "distill_pairs": 5600, "student_steps": 1400, "student_lr": 5e-4, "decode_steps": (1, 2, 4, 8),
         "length_candidates": (1, 3), "n_dev": 128, "n_test": 128, "decode_batch": 32, "max_source": 40,
         "max_target": 32, "speed_repeats": 3, "seed": 0}
 QUICK = {**FULL, "teacher_steps": 4, "distill_pairs": 48, "student_steps": 4, "decode_steps": (1, 2),
@@ -159,11 +167,16 @@ def score_teacher(task: Task, teacher, sizes: dict) -> dict:
     return out
 
 
-def distill(task: Task, teacher, length_penalty: float, sizes: dict) -> tuple[dict, dict, dict]:
-    """(distilled, raw, stats): the same training sources with the teacher's best beam output / the reference."""
+def source_subset(task: Task, sizes: dict) -> dict:
+    """The seeded random training pairs that are distilled; with their references, the raw control's data."""
     pick = np.sort(np.random.default_rng(sizes["seed"]).permutation(len(task.train["index"]))
                    [:sizes["distill_pairs"]])
-    subset = {k: v[pick] for k, v in task.train.items()}
+    return {k: v[pick] for k, v in task.train.items()}
+
+
+def distill(task: Task, teacher, length_penalty: float, sizes: dict) -> tuple[dict, dict]:
+    """(distilled, stats): the subset's sources with the teacher's best beam output as target."""
+    subset = source_subset(task, sizes)
     # Sources of similar length share a batch, so each batch's search stops near its own longest output.
     order = np.argsort(subset["source_mask"].sum(1), kind="stable")
     t0 = time.perf_counter()
@@ -182,7 +195,7 @@ def distill(task: Task, teacher, length_penalty: float, sizes: dict) -> tuple[di
     src_tokens = [row[1:n - 1].tolist() for row, n in zip(raw["source"], raw["source_mask"].sum(1))]
     stats = {"requested": int(sizes["distill_pairs"]), "kept": int(keep.sum()), "dropped_empty": int((~keep).sum()),
              "source_indices": raw["index"].tolist(), "beam_seconds": seconds,
-             "sources_per_s": len(pick) / seconds, "length_penalty": length_penalty,
+             "sources_per_s": len(keep) / seconds, "length_penalty": length_penalty,
              "mean_length": float(lengths[keep].mean()) if keep.any() else 0.0,
              "mean_reference_length": float(ref_lengths.mean()) if keep.any() else 0.0,
              "equal_to_reference": float(np.mean([np.array_equal(a[:n], b[:m]) for a, n, b, m in zip(
@@ -195,7 +208,7 @@ def distill(task: Task, teacher, length_penalty: float, sizes: dict) -> tuple[di
                            "distilled": task.tok.decode(d[:n])}
                           for s, r, m, d, n in zip(src_tokens[:3], raw["target"], ref_lengths, distilled["target"],
                                                    lengths[keep])]}
-    return distilled, raw, stats
+    return distilled, stats
 
 
 def decode_grid(sizes: dict) -> list[tuple[int, int]]:
@@ -204,7 +217,7 @@ def decode_grid(sizes: dict) -> list[tuple[int, int]]:
                   key=lambda sc: (sc[0] * sc[1], sc[0]))
 
 
-def score_student(task: Task, params, sizes: dict, teacher_dev_lengths) -> dict:
+def score_student(task: Task, params, sizes: dict) -> dict:
     """Dev BLEU over the decode grid, the dev argmax, then test BLEU with its length candidates at every step."""
     steps = tuple(sizes["decode_steps"])
     dev = {}
@@ -220,44 +233,46 @@ def score_student(task: Task, params, sizes: dict, teacher_dev_lengths) -> dict:
     arrays = task.splits["dev"]["arrays"]
     predicted = np.asarray(nar.predict_lengths(params, arrays["source"], arrays["source_mask"]))[:, 0]
     reference = arrays["target_mask"].sum(1)
-    teacher = np.asarray(teacher_dev_lengths)
     return {"dev": [{"steps": s, "length_candidates": c, "bleu": dev[(s, c)]} for s, c in grid],
             "chosen": {"steps": chosen[0], "length_candidates": chosen[1]}, "chosen_on": "dev",
             "dev_bleu": dev[chosen], "test_bleu": test_by_steps[chosen[0]],
             "test_bleu_by_steps": {str(s): b for s, b in test_by_steps.items()},
-            "length_head": {"dev_exact_vs_teacher": float(np.mean(predicted == teacher)),
-                            "dev_mae_vs_teacher": float(np.abs(predicted - teacher).mean()),
-                            "dev_exact_vs_reference": float(np.mean(predicted == reference)),
-                            "dev_mae_vs_reference": float(np.abs(predicted - reference).mean())},
+            "length_head": {"dev_exact_vs_reference": float(np.mean(predicted == reference)),
+                            "dev_mae_vs_reference": float(np.abs(predicted - reference).mean()),
+                            "dev_predicted": predicted.tolist()},
             "test_examples": test_hyps[chosen[0]][:3]}
 
 
-def train_students(task: Task, data: dict, sizes: dict, teacher_dev_lengths) -> dict:
-    """Each student trained once; its weights at every budget scored on dev, then test."""
-    out = {}
-    for name, which, random_init, every_budget in STUDENTS:
-        steps = budgets(sizes) if every_budget else budgets(sizes)[-1:]
-        params = nar.init_seq2seq(task.mlm, task.configs[False], jax.random.key(1), random_init=random_init)
-        config = train_config(sizes, sizes["student_steps"], sizes["student_lr"])
-        t0 = time.perf_counter()
-        batches = nar.PairBatches(data[which], sizes["batch"], seed=sizes["seed"])
-        params, history = nar.train_seq2seq(params, batches, config, valid=task.valid_batches,
-                                            keep_steps=steps[:-1])
-        train_seconds = time.perf_counter() - t0
-        kept = history.get("kept", {})
-        weights = {**{s: jax.tree.map(jax.numpy.asarray, p) for s, p in kept.items()}, steps[-1]: params}
-        t0 = time.perf_counter()
-        scored = [{"step": s, **score_student(task, weights[s], sizes, teacher_dev_lengths)} for s in steps]
-        out[name] = {"targets": which, "random_init": random_init, "train_seconds": train_seconds,
-                     "score_seconds": time.perf_counter() - t0,
-                     "valid_loss": [(r["step"], r["loss"]) for r in history["eval"]],
-                     "budgets": scored}
-        if name == "mlm_distilled":  # timed against the AR decoders later
-            out[name]["params"] = params
-        best = scored[-1]
-        print(f"{name}: test BLEU by budget {[round(b['test_bleu'], 2) for b in scored]}, full budget chosen "
-              f"{best['chosen']} (dev {best['dev_bleu']:.2f}); train {train_seconds:.0f} s", flush=True)
-    return out
+def train_student(task: Task, name: str, data: dict, sizes: dict) -> tuple[dict, nar.Seq2SeqParams]:
+    """One student trained once; its weights at every budget scored on dev, then test. Returns (row, params)."""
+    _, which, random_init, every_budget = next(s for s in STUDENTS if s[0] == name)
+    steps = budgets(sizes) if every_budget else budgets(sizes)[-1:]
+    params = nar.init_seq2seq(task.mlm, task.configs[False], jax.random.key(1), random_init=random_init)
+    config = train_config(sizes, sizes["student_steps"], sizes["student_lr"])
+    t0 = time.perf_counter()
+    batches = nar.PairBatches(data, sizes["batch"], seed=sizes["seed"])
+    params, history = nar.train_seq2seq(params, batches, config, valid=task.valid_batches, keep_steps=steps[:-1])
+    train_seconds = time.perf_counter() - t0
+    weights = {**{s: jax.tree.map(jax.numpy.asarray, p) for s, p in history.get("kept", {}).items()},
+               steps[-1]: params}
+    t0 = time.perf_counter()
+    scored = [{"step": s, **score_student(task, weights[s], sizes)} for s in steps]
+    row = {"targets": which, "random_init": random_init, "pairs": len(data["index"]), "train_seconds": train_seconds,
+           "score_seconds": time.perf_counter() - t0,
+           "valid_loss": [(r["step"], r["loss"]) for r in history["eval"]], "budgets": scored}
+    print(f"{name}: test BLEU by budget {[round(b['test_bleu'], 2) for b in scored]}, full budget chosen "
+          f"{scored[-1]['chosen']} (dev {scored[-1]['dev_bleu']:.2f}); train {train_seconds:.0f} s", flush=True)
+    return row, params
+
+
+def agree_with_teacher(students: dict, teacher_dev_lengths) -> None:
+    """Add each length head's agreement with the teacher's dev lengths (known once the teacher unit is done)."""
+    teacher = np.asarray(teacher_dev_lengths)
+    for row in students.values():
+        for scored in row["budgets"]:
+            predicted = np.asarray(scored["length_head"]["dev_predicted"])
+            scored["length_head"].update(dev_exact_vs_teacher=float(np.mean(predicted == teacher)),
+                                         dev_mae_vs_teacher=float(np.abs(predicted - teacher).mean()))
 
 
 def speed(task: Task, teacher, student, chosen: dict, length_penalty: float, sizes: dict) -> list[dict]:
@@ -360,7 +375,7 @@ def markdown(payload: dict, info: dict) -> tuple[str, list[dict]]:
     s, b, teacher, dist = payload["sizes"], payload["budget"], payload["teacher"], payload["distillation"]
     lp = teacher["length_penalty"]
     lines = ["# NAR with sequence-level distillation: MLM vs random init at every budget (nar_distill)", "",
-             machine_line(info), "", f"Command: `{command_line()}`", "",
+             machine_line(info), "", f"Command: `{payload['command']}`", "",
              (f"Task kjv->web, all-MiniLM-L6-v2 (6 layers, width 384) encoder and decoder, max source "
               f"{s['max_source']} / target {s['max_target']} tokens. Teacher: AR from MLM init, "
               + (f"{s['teacher_steps']} steps x {s['batch']} pairs at lr {s['teacher_lr']:g} on the "
@@ -368,7 +383,8 @@ def markdown(payload: dict, info: dict) -> tuple[str, list[dict]]:
                  else f"loaded from {b['teacher_loaded']}")
               + f"; beam {s['beams']}, length penalty {lp:g} (dev choice among {list(s['length_penalties'])}). "
               f"Distilled: {dist['kept']} of {dist['requested']} random training sources "
-              f"({dist['dropped_empty']} empty outputs dropped). Students: {s['student_steps']} steps x "
+              f"({dist['dropped_empty']} empty outputs dropped; the raw-reference control trains on all "
+              f"{dist['requested']} with their references). Students: {s['student_steps']} steps x "
               f"{s['batch']} pairs, AdamW lr {s['student_lr']:g}, 10% warmup then cosine, SUNDAE (2 unrolled "
               f"steps, length head weight 0.1), same batch order for all three; scored at {b['budgets']} steps "
               "(the raw-reference control at the full budget only). Decoding chosen on dev "
@@ -428,6 +444,8 @@ def markdown(payload: dict, info: dict) -> tuple[str, list[dict]]:
                      f"{r['seconds_per_sentence']:.4f} | {r['tokens_per_s']:.1f} | "
                      f"{r['x_ar_greedy_tokens_per_s']:.2f} |")
     lines += ["", "## Budget and wall time", "",
+              ("Units (teacher, each student, speed) ran as saved units of work, each on one core; total is the sum "
+               "of the units' wall times, not the elapsed time of a run that shares them between two processes."), "",
               "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in b["seconds"].items()]
     lines += ["", ("Budgets are checkpoints of one run per student (one cosine schedule over "
@@ -452,12 +470,90 @@ def markdown(payload: dict, info: dict) -> tuple[str, list[dict]]:
                    f"{best['test_bleu']:.2f} vs {raw['test_bleu']:.2f}"),
         report_row("NAR", "decoding tokens/s, distilled NAR at its dev-chosen setting / AR greedy (KV cache), CPU",
                    ", ".join(f"batch {r['batch']}: {r['x_ar_greedy_tokens_per_s']:.2f}x" for r in nar_speed)),
-        report_row("NAR", "distillation experiment budget (one CPU core)",
+        report_row("NAR", "distillation experiment budget (one CPU core per unit)",
                    (f"teacher loaded ({b['teacher_loaded']})" if b.get("teacher_loaded") else
                     f"teacher {s['teacher_steps']} x {s['batch']}") + f", {dist['kept']} distilled pairs, 3 students x "
                    f"{train_note}, {b['seconds']['total'] / 60:.0f} min total"),
     ]
     return "\n".join(lines), rows
+
+
+UNITS = ("teacher", *(name for name, *_ in STUDENTS), "speed")
+
+
+def run_unit(unit: str, task: Task, sizes: dict, args, unit_dir: Path) -> dict:
+    """One unit's results; the teacher and the timed student are saved beside them for the units that need them."""
+    teacher_dir = args.teacher or str(unit_dir / "teacher_params")
+    if unit == "teacher":
+        if args.teacher:
+            teacher, _ = nar.load_seq2seq(args.teacher)
+            if teacher.config != task.configs[True]:
+                raise SystemExit(f"{args.teacher} is not an AR model of this experiment's config (MiniLM, "
+                                 f"{sizes['max_source']}/{sizes['max_target']} tokens)")
+            row = {"train_seconds": 0.0, "valid_loss": [], "loaded": args.teacher}
+        else:
+            teacher, row = train_teacher(task, sizes)
+            nar.save_seq2seq(teacher_dir, teacher, tokenizer_source=task.folder)
+        row.update(score_teacher(task, teacher, sizes))
+        print(f"teacher: greedy {row['greedy']}, beam length penalty {row['length_penalty']} "
+              f"(test {row['beam_test']:.2f})", flush=True)
+        distilled, dist = distill(task, teacher, row["length_penalty"], sizes)
+        np.savez(unit_dir / "distilled.npz", **distilled)
+        print(f"distilled {dist['kept']} pairs in {dist['beam_seconds']:.0f} s; BLEU vs references "
+              f"{dist['bleu_vs_reference']:.2f}", flush=True)
+        return {"teacher": row, "distillation": dist,
+                "seconds": {"teacher training": row["train_seconds"],
+                            "teacher scoring (dev, test)": row["score_seconds"],
+                            "distillation (beam search)": dist["beam_seconds"]}}
+    if unit == "speed":
+        common.wait_for(unit_dir / "mlm_distilled.json")
+        chosen = json.loads((unit_dir / "mlm_distilled.json").read_text())["student"]["budgets"][-1]["chosen"]
+        length_penalty = json.loads((unit_dir / "teacher.json").read_text())["teacher"]["length_penalty"]
+        student, _ = nar.load_seq2seq(str(unit_dir / "mlm_distilled_params"))
+        t0 = time.perf_counter()
+        rows = speed(task, nar.load_seq2seq(teacher_dir)[0], student, chosen, length_penalty, sizes)
+        return {"speed": rows, "seconds": {"speed": time.perf_counter() - t0}}
+    targets = next(which for name, which, *_ in STUDENTS if name == unit)
+    if targets == "distilled":
+        common.wait_for(unit_dir / "teacher.json")
+        with np.load(unit_dir / "distilled.npz") as saved:
+            data = dict(saved)
+    else:  # the references of every subset source (a distilled target is dropped only when empty)
+        data = source_subset(task, sizes)
+    row, params = train_student(task, unit, data, sizes)
+    if unit == "mlm_distilled":  # timed against the AR decoders by the speed unit
+        nar.save_seq2seq(str(unit_dir / "mlm_distilled_params"), params, tokenizer_source=task.folder)
+    n_budgets = len(row["budgets"])
+    return {"student": row, "seconds": {f"{unit} training": row["train_seconds"],
+                                        f"{unit} scoring ({n_budgets} budgets x (dev grid + test))": row["score_seconds"]}}
+
+
+def report(args, sizes: dict, stem: str, unit_dir: Path) -> None:
+    """Write JSON, Markdown and plot once every unit is saved."""
+    missing = [u for u in UNITS if not (unit_dir / f"{u}.json").exists()]
+    if missing:
+        print(f"units still to run: {', '.join(missing)}; the report is written when they are done")
+        return
+    saved = {u: json.loads((unit_dir / f"{u}.json").read_text()) for u in UNITS}
+    teacher, dist = saved["teacher"]["teacher"], saved["teacher"]["distillation"]
+    students = {name: saved[name]["student"] for name, *_ in STUDENTS}
+    agree_with_teacher(students, teacher["beam"][str(teacher["length_penalty"])]["dev_lengths"])
+    seconds = {k: v for u in UNITS for k, v in saved[u]["seconds"].items()}
+    seconds["total"] = sum(saved[u]["wall_seconds"] for u in UNITS)
+    budget = {"budgets": budgets(sizes), "train_pairs": saved["teacher"]["train_pairs"],
+              "train_lines": saved["teacher"]["train_lines"],
+              "train_file": os.path.relpath(args.train_file, common.ROOT), "teacher_loaded": args.teacher,
+              "seconds": seconds, "unit_wall_seconds": {u: saved[u]["wall_seconds"] for u in UNITS}}
+    payload = {"machine": saved["teacher"]["machine"], "command": common.unit_free_command(), "sizes": sizes,
+               "budget": budget, "copy_bleu": saved["teacher"]["copy_bleu"], "recorded": RECORDED,
+               "splits": saved["teacher"]["splits"], "teacher": teacher, "distillation": dist, "students": students,
+               "speed": saved["speed"]["speed"], "plot": f"{stem}.png"}
+    payload["verdict"] = verdict(payload)
+    text, rows = markdown(payload, payload["machine"])
+    path = common.write_results(stem, payload, text, report=rows, out_dir=args.out_dir)
+    plot(payload, Path(args.out_dir) / payload["plot"])
+    print(text)
+    print(f"-> {path}")
 
 
 def main(argv=None):
@@ -468,8 +564,9 @@ def main(argv=None):
     parser.add_argument("--train-file", type=Path, help="training pairs (JSONL with kjv/web fields)",
                         default=common.ROOT.parent / "shared/data/bible-kjv-web/train.jsonl")
     parser.add_argument("--teacher", default=None,
-                        help="a saved AR teacher (save_seq2seq folder) instead of training one")
-    parser.add_argument("--save-teacher", default=None, help="save the trained teacher to this folder")
+                        help="a saved AR teacher (save_seq2seq folder, e.g. a run's units/teacher_params)")
+    parser.add_argument("--units", default="all", help=f"comma-separated units to run, of {', '.join(UNITS)}")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the saved units")
     for name in ("teacher_steps", "student_steps", "distill_pairs"):  # to resize a run; recorded in "sizes"
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"override {name} (full run {FULL[name]}, --quick {QUICK[name]})")
@@ -481,66 +578,45 @@ def main(argv=None):
                      "benchmarks/results")
     if not args.train_file.is_file():
         parser.error(f"--train-file {args.train_file} does not exist")
+    units = list(UNITS) if args.units == "all" else args.units.split(",")
+    if set(units) - set(UNITS):
+        parser.error(f"unknown units {sorted(set(units) - set(UNITS))}; choose from {', '.join(UNITS)}")
     sizes = {**(QUICK if args.quick else FULL),
              **{k: getattr(args, k) for k in ("teacher_steps", "student_steps", "distill_pairs")
                 if getattr(args, k) is not None}}
     budgets(sizes)  # fails early on a student_steps that is not a multiple of 4
-    # The three students' train steps (and decoders) are the same programs; a compilation cache shared within
-    # this run compiles each once (training builds a fresh jitted step per run). Removed at exit.
+    stem = "nar_distill_quick" if args.quick else "nar_distill"
+    unit_dir = args.out_dir / f"{stem}_units"
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    # The saved models are working files; the units' JSON and the distilled targets (a few MB, so a fresh clone
+    # can resume the students without the teacher) are kept.
+    (unit_dir / ".gitignore").write_text("*_params/\n*.claim\n")
+    if args.report_only:
+        return report(args, sizes, stem, unit_dir)
+    # The students' train steps (and decoders) are the same programs; a compilation cache shared within this
+    # process compiles each once (training builds a fresh jitted step per run). Removed at exit.
     cache_dir = tempfile.TemporaryDirectory(prefix="nar_distill_xla_")
     jax.config.update("jax_compilation_cache_dir", cache_dir.name)
-    stem = "nar_distill_quick" if args.quick else "nar_distill"
-    info, t_start = machine(), time.perf_counter()
-    seconds = {}
     task = Task(sizes, args.train_file)
-    copy_bleu = {split: task.copy_bleu(split) for split in ("dev", "test")}
-    print(f"train pairs {len(task.train['index'])}; copy-the-source BLEU {copy_bleu}", flush=True)
-
-    if args.teacher:
-        teacher, _ = nar.load_seq2seq(args.teacher)
-        if teacher.config != task.configs[True]:
-            raise SystemExit(f"{args.teacher} is not an AR model of this experiment's config (MiniLM, "
-                             f"{sizes['max_source']}/{sizes['max_target']} tokens)")
-        teacher_row = {"train_seconds": 0.0, "valid_loss": [], "loaded": args.teacher}
-    else:
-        teacher, teacher_row = train_teacher(task, sizes)
-        if args.save_teacher:
-            nar.save_seq2seq(args.save_teacher, teacher, tokenizer_source=task.folder)
-    seconds["teacher training"] = teacher_row["train_seconds"]
-    teacher_row.update(score_teacher(task, teacher, sizes))
-    seconds["teacher scoring (dev, test)"] = teacher_row["score_seconds"]
-    print(f"teacher: greedy {teacher_row['greedy']}, beam length penalty {teacher_row['length_penalty']} "
-          f"(test {teacher_row['beam_test']:.2f})", flush=True)
-
-    lp = teacher_row["length_penalty"]
-    distilled, raw, dist = distill(task, teacher, lp, sizes)
-    seconds["distillation (beam search)"] = dist["beam_seconds"]
-    print(f"distilled {dist['kept']} pairs in {dist['beam_seconds']:.0f} s; BLEU vs references "
-          f"{dist['bleu_vs_reference']:.2f}", flush=True)
-    teacher_dev_lengths = teacher_row["beam"][str(lp)]["dev_lengths"]
-    students = train_students(task, {"distilled": distilled, "raw": raw}, sizes, teacher_dev_lengths)
-    for name, row in students.items():
-        seconds[f"{name} training"] = row["train_seconds"]
-        seconds[f"{name} scoring ({len(row['budgets'])} budgets x (dev grid + test))"] = row["score_seconds"]
-
-    t0 = time.perf_counter()
-    student = students["mlm_distilled"]
-    speed_rows = speed(task, teacher, student.pop("params"), student["budgets"][-1]["chosen"], lp, sizes)
-    seconds["speed"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    budget = {"budgets": budgets(sizes), "train_pairs": len(task.train["index"]), "train_lines": task.train_lines,
-              "train_file": os.path.relpath(args.train_file, common.ROOT), "teacher_loaded": args.teacher,
-              "seconds": seconds}
-    payload = {"sizes": sizes, "budget": budget, "copy_bleu": copy_bleu, "recorded": RECORDED,
-               "splits": {name: {"file": sp["file"], "ids": sp["ids"]} for name, sp in task.splits.items()},
-               "teacher": teacher_row, "distillation": dist, "students": students, "speed": speed_rows,
-               "plot": f"{stem}.png"}
-    payload["verdict"] = verdict(payload)
-    text, rows = markdown(payload, info)
-    path = common.write_results(stem, payload, text, report=rows, out_dir=args.out_dir)
-    plot(payload, Path(args.out_dir) / payload["plot"])
-    print(text)
-    print(f"-> {path}")
+    for unit in units:
+        path = unit_dir / f"{unit}.json"
+        if path.exists():
+            print(f"[{unit}] done earlier", flush=True)
+            continue
+        if not common.claim(path):
+            print(f"[{unit}] running in another process", flush=True)
+            continue
+        print(f"[{unit}]", flush=True)
+        t0 = time.perf_counter()
+        result = run_unit(unit, task, sizes, args, unit_dir)
+        if unit == "teacher":  # what every unit's process computes alike, recorded once
+            result.update(machine=machine(), copy_bleu={split: task.copy_bleu(split) for split in ("dev", "test")},
+                          splits={name: {"file": sp["file"], "ids": sp["ids"]} for name, sp in task.splits.items()},
+                          train_pairs=len(task.train["index"]), train_lines=task.train_lines)
+        path.write_text(json.dumps({"unit": unit, "sizes": sizes, "wall_seconds": time.perf_counter() - t0,
+                                    **result}, indent=1, default=str))
+        path.with_suffix(".claim").unlink()
+    report(args, sizes, stem, unit_dir)
 
 
 if __name__ == "__main__":

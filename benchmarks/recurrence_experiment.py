@@ -42,7 +42,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import machine, report_row
+from common import MiB, machine, report_row
 
 import makemost_jax as mm
 from makemost_jax.data import DocumentContiguousBatches, PackedLMBatches
@@ -59,7 +59,6 @@ from makemost_jax.training import TrainConfig, lm_loss, train
 
 RESULTS = ROOT / "benchmarks" / "results"
 WIKI = ROOT.parent / "shared" / "data" / "wiki"
-MIB = 2**20
 
 
 def articles(path: Path) -> list[str]:
@@ -169,7 +168,7 @@ def run(args):
                "eval_seconds": result.seconds, **(extra or {})}
         rows.append(row)
         print(f"  W={window:4d} {method:22s} ppl {row['ppl']:9.3f}  {row['flops_per_token'] / 1e6:8.2f} MFLOP/token  "
-              f"peak {row['eval_peak_bytes'] / MIB:7.2f} MiB  ({result.seconds:.0f} s)", flush=True)
+              f"peak {row['eval_peak_bytes'] / MiB:7.2f} MiB  ({result.seconds:.0f} s)", flush=True)
 
     full = evaluate_windows(lm, docs, args.context, batch_size=args.eval_batch)
     full_train = compiled_stats(jax.grad(lambda p, b: lm_loss(p, b)[0]), lm,
@@ -264,9 +263,9 @@ def write(args, report):
              "| W | method | stride | ppl | MFLOP/token | eval peak (MiB) | train peak (MiB) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        train_peak = f"{r['train_peak_bytes'] / MIB:.1f}" if "train_peak_bytes" in r else ""
+        train_peak = f"{r['train_peak_bytes'] / MiB:.1f}" if "train_peak_bytes" in r else ""
         lines.append(f"| {r['window']} | {r['method']} | {r['stride']} | {r['ppl']:.3f} | "
-                     f"{r['flops_per_token'] / 1e6:.2f} | {r['eval_peak_bytes'] / MIB:.2f} | {train_peak} |")
+                     f"{r['flops_per_token'] / 1e6:.2f} | {r['eval_peak_bytes'] / MiB:.2f} | {train_peak} |")
     lines += ["", "Recurrence against the unmodified LM:", *verdict(rows), "",
               f"![perplexity vs cost](recurrence_{args.tag}.png)"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -283,8 +282,8 @@ def plot(rows, path: Path):
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     panels = (("flops_per_token", 1e6, "MFLOP per scored token (XLA cost analysis)"),
-              ("eval_peak_bytes", MIB, "peak MiB of one scoring step, batch 1 (XLA memory analysis)"),
-              ("train_peak_bytes", MIB, "peak MiB of one training gradient step (XLA memory analysis)"))
+              ("eval_peak_bytes", MiB, "peak MiB of one scoring step, batch 1 (XLA memory analysis)"),
+              ("train_peak_bytes", MiB, "peak MiB of one training gradient step (XLA memory analysis)"))
     for ax, (key, unit, label) in zip(axes, panels):
         for method in methods:
             pts = sorted((r[key] / unit, r["ppl"], r["window"]) for r in rows if r["method"] == method and key in r)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, MiB, command_line, machine, machine_line, report_row, write_results
+from common import RESULTS, ROOT, MiB, claim, machine, machine_line, report_row, unit_free_command, write_results
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -276,18 +275,6 @@ def run_unit(unit: str, lm, tok, train_docs, docs, costs: Costs, args) -> list[d
     return rows
 
 
-def claim(path: Path) -> bool:
-    """Take a unit for this process, unless another live process holds it (two processes share the units)."""
-    lock = path.with_suffix(".claim")
-    try:
-        holder = int(lock.read_text())
-        os.kill(holder, 0)  # raises when that process is gone
-        return False
-    except (OSError, ValueError):
-        lock.write_text(str(os.getpid()))
-        return True
-
-
 def all_units(windows: list[int]) -> list[str]:
     return ["full", *(f"{w}:{k}" for w in windows for k in KINDS)]
 
@@ -333,11 +320,7 @@ def report(args, stem: str, unit_dir: Path):
     rows = [r for s in saved for r in s["rows"]]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("report_only", "units", "out_dir")}
-    # The command that reproduces the results: how the units were split, or a report-only rerun, is not part of it.
-    words = command_line().split()
-    command = " ".join(w for i, w in enumerate(words) if w not in ("--units", "--report-only")
-                       and (i == 0 or words[i - 1] != "--units"))
-    payload = {"machine": saved[0]["machine"], "command": command, "model": saved[0]["model"], "settings": settings,
+    payload = {"machine": saved[0]["machine"], "command": unit_free_command(), "model": saved[0]["model"], "settings": settings,
                "unit_seconds": {s["unit"]: s["seconds"] for s in saved}, "rows": rows}
     lines = verdict(rows)
     markdown = markdown_report(payload, lines, stem)

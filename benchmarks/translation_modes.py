@@ -30,12 +30,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, command_line, machine, machine_line, report_row, write_results  # noqa: E402
+from common import RESULTS, command_line, machine, machine_line, report_row, write_results
 
-import makemost_jax as mm  # noqa: E402
-from makemost_jax import seq2seq  # noqa: E402
-from makemost_jax.data.pairs import BucketedBatches, asset_path, bucket_by_length, fixed_batches, read_pairs  # noqa: E402
-from makemost_jax.training import TrainConfig  # noqa: E402
+import makemost_jax as mm
+from makemost_jax import seq2seq
+from makemost_jax.data.pairs import BucketedBatches, asset_path, bucket_by_length, fixed_batches, read_pairs
+from makemost_jax.training import TrainConfig
 
 MAX_LENGTH = 64  # tokens per side (incl. </s>); longer pairs are dropped from training
 
@@ -71,7 +71,7 @@ def train(args):
     seq2seq.save_translation_model(params, tok, os.path.join(args.run_dir, "model"))
     n_params = sum(int(x.size) for x in jax.tree.leaves(params.weights))
     payload = {"machine": machine(), "command": command_line(), "train_pairs": len(data["index"]),
-               "buckets": [{"width": int(b["source"].shape[1]), "rows": int(len(b["index"])), "batch": s}
+               "buckets": [{"width": int(b["source"].shape[1]), "rows": len(b["index"]), "batch": s}
                            for b, s in zip(buckets, sizes)],
                "model": {"params": n_params, "width": args.width, "layers": args.layers, "heads": args.heads,
                          "vocab": tok.vocab_size},
@@ -125,7 +125,7 @@ def evaluate(args):
     test = load_pairs("test")[:args.sentences]
     lines, refs = [en for en, _ in test], [es for _, es in test]
     sources = [tok.encode_source(line) for line in lines]
-    settings = dict(max_new_tokens=args.max_new_tokens, batch_size=20, progress=True)
+    settings = {"max_new_tokens": args.max_new_tokens, "batch_size": 20, "progress": True}
     results, outputs, seconds = {}, {}, {}
 
     def run(name, fn):
@@ -178,19 +178,19 @@ def markdown(payload: dict) -> str:
              machine_line(payload["machine"]), "", f"Command: `{payload['command']}`", ""]
     if train:
         m, t = train["model"], train["train"]
-        lines += [f"Model: {m['params']:,} parameters (width {m['width']}, {m['layers']} + {m['layers']} layers, "
+        lines += [(f"Model: {m['params']:,} parameters (width {m['width']}, {m['layers']} + {m['layers']} layers, "
                   f"{m['heads']} heads, joint BPE vocabulary of {m['vocab']}), trained from scratch for {t['steps']} "
                   f"steps on {train['train_pairs']:,} verse pairs in {t['seconds'] / 60:.0f} min "
                   f"(`python benchmarks/translation_modes.py train`); final validation loss "
-                  f"{train['eval'][-1]['loss']:.3f}.", ""]
-    lines += [f"Test: the first {payload['sentences']} verses of John (bundled `bible_en_es_test.jsonl`); outputs up "
+                  f"{train['eval'][-1]['loss']:.3f}."), ""]
+    lines += [(f"Test: the first {payload['sentences']} verses of John (bundled `bible_en_es_test.jsonl`); outputs up "
               f"to {payload['max_new_tokens']} tokens; exact searches with {payload['node_budget']} node expansions "
               "per sentence. BLEU and chrF: sacrebleu defaults. `empty`: share of sentences whose output is the "
-              "empty translation; `proved`: share whose result is proved optimal.", "",
+              "empty translation; `proved`: share whose result is proved optimal."), "",
               "| search | BLEU | chrF | length ratio | mean log p | empty | proved | empty among proved | s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, x in r.items():
-        def fmt(key, spec):
+        def fmt(key, spec, x=x):
             return "-" if x.get(key) is None else format(x[key], spec)
         lines.append(f"| {name} | {x['bleu']:.2f} | {x['chrf']:.2f} | {x['length_ratio']:.3f} | "
                      f"{fmt('mean_logprob', '.2f')} | {x['empty']:.2f} | {fmt('proved', '.2f')} | "

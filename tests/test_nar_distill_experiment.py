@@ -8,6 +8,8 @@ source subset and one budget, and that the JSON, Markdown, plot and report rows 
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +82,8 @@ def test_students_share_sources_budget_and_splits(quick):
     assert [students[n]["targets"] for n in ("mlm_distilled", "random_distilled", "mlm_raw")] == \
         ["distilled", "distilled", "raw"]
     assert dist["kept"] + dist["dropped_empty"] == dist["requested"] == sizes["distill_pairs"]
+    assert students["mlm_raw"]["pairs"] == dist["requested"]  # every subset source, with its reference
+    assert students["mlm_distilled"]["pairs"] == students["random_distilled"]["pairs"] == dist["kept"]
     indices = dist["source_indices"]
     assert len(indices) == dist["kept"] and indices == sorted(set(indices))
     assert 0 <= indices[0] and indices[-1] < budget["train_lines"]  # lines of the training file
@@ -92,3 +96,17 @@ def test_students_share_sources_budget_and_splits(quick):
         rows = [r for r in speed if r["batch"] == batch]
         assert len(rows) == 3 and sum(r["decoder"].startswith("NAR") for r in rows) == 1
         assert next(r for r in rows if r["decoder"] == "AR greedy")["x_ar_greedy_tokens_per_s"] == 1.0
+
+
+def test_a_second_run_resumes_from_the_saved_units(quick):
+    payload, out = quick
+    units = out / "nar_distill_quick_units"
+    assert sorted(p.stem for p in units.glob("*.json")) == sorted(
+        ["teacher", "mlm_distilled", "random_distilled", "mlm_raw", "speed"])
+    assert not list(units.glob("*.claim")) and (units / ".gitignore").read_text().startswith("*_params/")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nar_distill_experiment.py"), "--quick",
+                           "--out-dir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done earlier") == 5 and "test BLEU by budget" not in proc.stdout
+    again = json.loads((out / "nar_distill_quick.json").read_text())
+    assert again["students"] == payload["students"] and again["speed"] == payload["speed"]

@@ -1,0 +1,225 @@
+"""Where a beam step's time goes on CPU: the one-token decode step, JAX vs PyTorch, and its matmuls alone.
+
+Beam search at 8 prompts x 8 beams is a decode step over 64 rows plus a top-k and a cache gather. This
+script times, in one process on the same random GPT-2-small weights (float32, the same threads):
+
+1. the decode step: one token per row after 48 cached tokens; JAX `decode_step` (jitted, cache donated, as
+   inside the search's loop) against Hugging Face's forward with a `DynamicCache` cut back to 48 tokens
+   after every call;
+2. the step's matrix multiplications alone (per layer: QKV, attention output, MLP up and down; then the
+   vocabulary projection), each as a plain `a @ b` in both frameworks;
+3. JAX's attention of one query over every layer's cache in three layouts: today's stacked (L, B, S, H, K)
+   under the layer scan, a stacked heads-first one, and one heads-first buffer per layer.
+
+The difference between 1 and 2 is everything else (attention over the cache, layer norms, the cache
+write, dispatch). If JAX's matmuls are no faster than PyTorch's, a beam search can beat `generate` only
+by the share of PyTorch's step that is not matmuls, plus the host work that `generate` adds around it.
+
+    python benchmarks/bench_decode_step.py                    # ~2 min; both cores, both frameworks
+    taskset -c 0 python benchmarks/bench_decode_step.py --torch-threads 1 --tag cpu_1core
+
+Writes benchmarks/results/decode_step_<tag>.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_forward import SHAPES
+from common import command_line, machine, machine_line, report_row, write_results
+
+from makemost_jax.decoding.sampling import decode_step, prefill
+from makemost_jax.models import from_hf_config, params_from_hf
+
+CACHED = 48  # tokens in the cache when the step runs (prompt of 32 + 16 generated)
+SLOTS = 96  # the beam search's cache at 32 prompt + 64 new tokens
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: compiles; a second call compiles again if the first returned other input types
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def step_times(model, params, rows: int, repeats: int) -> dict:
+    """ms per one-token decode step over `rows` rows after CACHED tokens, JAX and PyTorch."""
+    prompt = np.random.RandomState(0).randint(0, 50000, (rows, CACHED)).astype(np.int32)
+    cache, _ = prefill(params, jnp.asarray(prompt), jnp.ones((rows, CACHED), jnp.int32), SLOTS)
+    token = jnp.ones((rows,), jnp.int32)
+    step = jax.jit(decode_step, donate_argnums=1)
+    state = {"cache": cache}
+
+    def run_jax():  # the cache rolls over its 96 slots: same shapes, same work every call
+        state["cache"], logits = step(params, state["cache"], token)
+        logits.block_until_ready()
+
+    with torch.inference_mode():
+        past = model(torch.as_tensor(prompt, dtype=torch.long), use_cache=True).past_key_values
+    token_t = torch.ones((rows, 1), dtype=torch.long)
+
+    def run_torch():
+        with torch.inference_mode():
+            model(token_t, cache=past, use_cache=True)
+        past.crop(-1)  # back to CACHED tokens
+
+    return {"jax": median_ms(run_jax, repeats), "torch": median_ms(run_torch, repeats)}
+
+
+def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
+    """ms of each matmul of one decode step (x the layers that run it), JAX and PyTorch, same inputs."""
+    d, f, v, layers = hf_config.n_embd, 4 * hf_config.n_embd, hf_config.vocab_size, hf_config.n_layer
+    shapes = [("QKV", d, 3 * d, layers), ("attention output", d, d, layers), ("MLP up", d, f, layers),
+              ("MLP down", f, d, layers), ("vocabulary", d, v, 1)]
+    rng = np.random.default_rng(0)
+    matmul = jax.jit(jnp.matmul)
+    out = []
+    for name, k, n, count in shapes:
+        x, w = rng.standard_normal((rows, k), np.float32), 0.02 * rng.standard_normal((k, n), np.float32)
+        xj, wj, xt, wt = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
+        with torch.inference_mode():
+            ms = {"jax": median_ms(lambda a=xj, b=wj: matmul(a, b).block_until_ready(), repeats),
+                  "torch": median_ms(lambda a=xt, b=wt: a @ b, repeats)}
+        out.append({"matmul": name, "shape": [rows, k, n], "count": count, "ms": ms,
+                    "gflop_per_s": {fw: 2 * rows * k * n / (t * 1e6) for fw, t in ms.items()}})
+    return out
+
+
+def attention_layouts(hf_config, rows: int, repeats: int) -> dict:
+    """ms of one query's attention over every layer's cached keys/values (CACHED + 48 slots), by cache layout.
+
+    `stacked (L, B, S, H, K), scan` is what `forward` runs today: each layer's slice is cut out of the stacked
+    cache and turned heads-first for the batched matmuls. The others show what a cache laid out differently
+    would cost: heads-first and stacked (the slice is still copied out), heads-first with one buffer per layer
+    (nothing is copied).
+    """
+    layers, heads = hf_config.n_layer, hf_config.n_head
+    width = hf_config.n_embd // heads
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((rows, heads, 1, width), np.float32))
+    k_lbshk = jnp.asarray(rng.standard_normal((layers, rows, SLOTS, heads, width), np.float32))
+    k_lbhsk = k_lbshk.transpose(0, 1, 3, 2, 4)
+
+    def attend(q, k_bhsk, v_bhsk):
+        w = jax.nn.softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k_bhsk), axis=-1)
+        return jnp.einsum("bhqs,bhsk->bhqk", w, v_bhsk)
+
+    def scanned(heads_first: bool):
+        def run(q, k, v):
+            def layer(x, kv):
+                k_, v_ = kv if heads_first else (a.transpose(0, 2, 1, 3) for a in kv)
+                return attend(x, k_, v_), None
+            return jax.lax.scan(layer, q, (k, v))[0]
+        return jax.jit(run)
+
+    @jax.jit
+    def per_layer(q, ks, vs):
+        for k_, v_ in zip(ks, vs):
+            q = attend(q, k_, v_)
+        return q
+
+    runs = {"stacked (L, B, S, H, K), scan": (scanned(False), k_lbshk),
+            "stacked (L, B, H, S, K), scan": (scanned(True), k_lbhsk),
+            "one (B, H, S, K) buffer per layer": (per_layer, tuple(k_lbhsk))}
+    out = {}
+    for name, (fn, k) in runs.items():
+        v = jax.tree.map(lambda a: 0.5 * a, k)
+        out[name] = median_ms(lambda fn=fn, k=k, v=v: fn(q, k, v).block_until_ready(), repeats)
+    return out
+
+
+def bench(rows: int, model, params, hf_config, repeats: int) -> dict:
+    steps = step_times(model, params, rows, repeats)
+    mats = matmul_times(hf_config, rows, 3 * repeats)
+    matmul_ms = {fw: sum(m["ms"][fw] * m["count"] for m in mats) for fw in ("jax", "torch")}
+    return {"rows": rows, "step_ms": steps, "matmul_ms": matmul_ms,
+            "other_ms": {fw: steps[fw] - matmul_ms[fw] for fw in steps},
+            "attention_ms": attention_layouts(hf_config, rows, repeats),
+            "step_speedup_vs_torch": steps["torch"] / steps["jax"],
+            "matmul_speedup_vs_torch": matmul_ms["torch"] / matmul_ms["jax"], "matmuls": mats}
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# Where a beam step's time goes: the one-token decode step, JAX vs PyTorch (decode_step)", "",
+             machine_line(info), "", f"Command: `{command_line()}`", "",
+             (f"GPT-2 small, random weights shared by both frameworks, float32; one token per row after {CACHED} "
+              f"cached tokens (JAX: a {SLOTS}-slot cache, as in the 8 x 8 x 64 beam search; PyTorch: a "
+              "`DynamicCache` cut back after every call). Medians after a warm-up."), "",
+             ("| rows | step, JAX ms | step, PyTorch ms | PyTorch / JAX | matmuls, JAX ms | matmuls, PyTorch ms | "
+              "rest, JAX ms | rest, PyTorch ms |"), "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, m, o = r["step_ms"], r["matmul_ms"], r["other_ms"]
+        lines.append(f"| {r['rows']} | {s['jax']:.1f} | {s['torch']:.1f} | {r['step_speedup_vs_torch']:.2f}x | "
+                     f"{m['jax']:.1f} | {m['torch']:.1f} | {o['jax']:.1f} | {o['torch']:.1f} |")
+    lines += ["", "Matmuls (ms each; GFLOP/s):", "", "| rows | matmul | (M, K, N) | x per step | JAX | PyTorch |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        for m in r["matmuls"]:
+            lines.append(f"| {r['rows']} | {m['matmul']} | {tuple(m['shape'])} | {m['count']} | "
+                         f"{m['ms']['jax']:.3f} ({m['gflop_per_s']['jax']:.0f}) | "
+                         f"{m['ms']['torch']:.3f} ({m['gflop_per_s']['torch']:.0f}) |")
+    names = list(rows[0]["attention_ms"])
+    lines += ["", (f"Attention of one query over every layer's {SLOTS} cached slots, JAX only, by the layout of the cache "
+                   "(ms for all layers; the first is what `forward` runs today):"), "",
+              "| rows | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {r['rows']} | " + " | ".join(f"{r['attention_ms'][n]:.1f}" for n in names) + " |" for r in rows]
+    big = max(rows, key=lambda r: r["rows"])
+    lines += ["", (f"At {big['rows']} rows the matmuls are {100 * big['matmul_ms']['jax'] / big['step_ms']['jax']:.0f}% "
+                   f"of JAX's step and {100 * big['matmul_ms']['torch'] / big['step_ms']['torch']:.0f}% of "
+                   f"PyTorch's; JAX's matmuls run at {big['matmul_speedup_vs_torch']:.2f}x PyTorch's.")]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="4,64", help="comma-separated rows per step (beams x prompts)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: its default)")
+    parser.add_argument("--tag", default=None, help="results name: decode_step_<tag> (default: the backend)")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 2 repeats; written to --out-dir")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    hf_config = SHAPES["gpt2-small"]()
+    if args.quick:
+        hf_config.n_layer, args.repeats = 2, 2
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    tensors = {k: t.float().numpy() for k, t in model.state_dict().items()}
+    params = params_from_hf(from_hf_config(hf_config.to_dict(), tensors), tensors)
+    rows = [bench(int(r), model, params, hf_config, args.repeats) for r in args.rows.split(",")]
+    for r in rows:
+        print(f"rows {r['rows']}: step JAX {r['step_ms']['jax']:.1f} ms, PyTorch {r['step_ms']['torch']:.1f} ms; "
+              f"matmuls JAX {r['matmul_ms']['jax']:.1f}, PyTorch {r['matmul_ms']['torch']:.1f}", flush=True)
+    info = {**machine(), "torch_threads": torch.get_num_threads()}
+    tag = args.tag or (f"{jax.default_backend()}_quick" if args.quick else jax.default_backend())
+    report = [report_row("beam", f"one-token decode step, GPT-2 small, {r['rows']} rows after {CACHED} cached, "
+                                 "PyTorch / JAX time",
+                         f"step {r['step_speedup_vs_torch']:.2f}x, its matmuls alone {r['matmul_speedup_vs_torch']:.2f}x")
+              for r in rows]
+    kwargs = {} if args.out_dir is None else {"out_dir": args.out_dir}
+    path = write_results(f"decode_step_{tag}", {"model": "gpt2-small (random weights)", "cached": CACHED,
+                                                "slots": SLOTS, "torch_threads": torch.get_num_threads(), "rows": rows},
+                         markdown(rows, info), report=report, **kwargs)
+    print(markdown(rows, info))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
