@@ -194,6 +194,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 layers, 2 repeats; written to --out-dir")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    if not all(r.strip().isdigit() and int(r) > 0 for r in args.rows.split(",")):
+        parser.error(f"--rows {args.rows!r} must be positive integers separated by commas, e.g. 4,64")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)

@@ -141,7 +141,7 @@ def segment_flops(params, cfg: HSOConfig, segments: Segments) -> dict:
         state = init_state(params, seg.inputs.shape[0], cfg.cache_size, cfg.offsets, update)
         step = functools.partial(hso_segment_step, hyper=cfg.hyper(), hso_steps=cfg.hso_steps, recompute=recompute,
                                  sink=cfg.sink)
-        return compiled_stats(lambda p, st, g: step(p, st, g), params, state, seg)["flops"]
+        return compiled_stats(step, params, state, seg)["flops"]
 
     out = {"lr0": flops(False, cfg.recompute), "hso": flops(True, cfg.recompute)}
     if cfg.recompute:

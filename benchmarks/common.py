@@ -120,6 +120,41 @@ def wait_for(path: Path, poll_s: float = 20.0) -> None:
         time.sleep(poll_s)
 
 
+def unit_path(unit_dir: Path, unit: str) -> Path:
+    """Where a unit's results are saved (":" in a unit name is not portable in file names)."""
+    return unit_dir / f"{unit.replace(':', '_')}.json"
+
+
+def run_units(units: list[str], unit_dir: Path, run, time_key: str = "wall_seconds") -> None:
+    """Run and save each unit that is neither saved nor claimed by a live process (`claim`).
+
+    `run(unit)` returns a JSON-able dict; it is saved with the unit's name and its wall time under `time_key`.
+    """
+    for unit in units:
+        path = unit_path(unit_dir, unit)
+        if path.exists():
+            print(f"[{unit}] done earlier", flush=True)
+            continue
+        if not claim(path):
+            print(f"[{unit}] running in another process", flush=True)
+            continue
+        print(f"[{unit}]", flush=True)
+        t0 = time.perf_counter()
+        result = run(unit)
+        path.write_text(json.dumps({"unit": unit, time_key: time.perf_counter() - t0, **result}, indent=1,
+                                   default=str))
+        path.with_suffix(".claim").unlink()
+
+
+def saved_units(units: list[str], unit_dir: Path) -> dict | None:
+    """{unit: its saved results} once every unit is saved; None, after naming the missing ones, before."""
+    missing = [u for u in units if not unit_path(unit_dir, u).exists()]
+    if missing:
+        print(f"units still to run: {', '.join(missing)}; the report is written when they are done")
+        return None
+    return {u: json.loads(unit_path(unit_dir, u).read_text()) for u in units}
+
+
 def unit_free_command() -> str:
     """`command_line()` without `--units X` and `--report-only`: how units were split is not how to reproduce."""
     words = command_line().split()

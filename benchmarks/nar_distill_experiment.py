@@ -501,10 +501,14 @@ def run_unit(unit: str, task: Task, sizes: dict, args, unit_dir: Path) -> dict:
         np.savez(unit_dir / "distilled.npz", **distilled)
         print(f"distilled {dist['kept']} pairs in {dist['beam_seconds']:.0f} s; BLEU vs references "
               f"{dist['bleu_vs_reference']:.2f}", flush=True)
-        return {"teacher": row, "distillation": dist,
+        # With it, what every unit's process computes alike, recorded once.
+        return {"sizes": sizes, "teacher": row, "distillation": dist,
                 "seconds": {"teacher training": row["train_seconds"],
                             "teacher scoring (dev, test)": row["score_seconds"],
-                            "distillation (beam search)": dist["beam_seconds"]}}
+                            "distillation (beam search)": dist["beam_seconds"]},
+                "machine": machine(), "copy_bleu": {split: task.copy_bleu(split) for split in ("dev", "test")},
+                "splits": {name: {"file": sp["file"], "ids": sp["ids"]} for name, sp in task.splits.items()},
+                "train_pairs": len(task.train["index"]), "train_lines": task.train_lines}
     if unit == "speed":
         common.wait_for(unit_dir / "mlm_distilled.json")
         chosen = json.loads((unit_dir / "mlm_distilled.json").read_text())["student"]["budgets"][-1]["chosen"]
@@ -512,7 +516,7 @@ def run_unit(unit: str, task: Task, sizes: dict, args, unit_dir: Path) -> dict:
         student, _ = nar.load_seq2seq(str(unit_dir / "mlm_distilled_params"))
         t0 = time.perf_counter()
         rows = speed(task, nar.load_seq2seq(teacher_dir)[0], student, chosen, length_penalty, sizes)
-        return {"speed": rows, "seconds": {"speed": time.perf_counter() - t0}}
+        return {"sizes": sizes, "speed": rows, "seconds": {"speed": time.perf_counter() - t0}}
     targets = next(which for name, which, *_ in STUDENTS if name == unit)
     if targets == "distilled":
         common.wait_for(unit_dir / "teacher.json")
@@ -524,17 +528,15 @@ def run_unit(unit: str, task: Task, sizes: dict, args, unit_dir: Path) -> dict:
     if unit == "mlm_distilled":  # timed against the AR decoders by the speed unit
         nar.save_seq2seq(str(unit_dir / "mlm_distilled_params"), params, tokenizer_source=task.folder)
     n_budgets = len(row["budgets"])
-    return {"student": row, "seconds": {f"{unit} training": row["train_seconds"],
+    return {"sizes": sizes, "student": row, "seconds": {f"{unit} training": row["train_seconds"],
                                         f"{unit} scoring ({n_budgets} budgets x (dev grid + test))": row["score_seconds"]}}
 
 
 def report(args, sizes: dict, stem: str, unit_dir: Path) -> None:
     """Write JSON, Markdown and plot once every unit is saved."""
-    missing = [u for u in UNITS if not (unit_dir / f"{u}.json").exists()]
-    if missing:
-        print(f"units still to run: {', '.join(missing)}; the report is written when they are done")
+    saved = common.saved_units(list(UNITS), unit_dir)
+    if saved is None:
         return
-    saved = {u: json.loads((unit_dir / f"{u}.json").read_text()) for u in UNITS}
     teacher, dist = saved["teacher"]["teacher"], saved["teacher"]["distillation"]
     students = {name: saved[name]["student"] for name, *_ in STUDENTS}
     agree_with_teacher(students, teacher["beam"][str(teacher["length_penalty"])]["dev_lengths"])
@@ -598,24 +600,7 @@ def main(argv=None):
     cache_dir = tempfile.TemporaryDirectory(prefix="nar_distill_xla_")
     jax.config.update("jax_compilation_cache_dir", cache_dir.name)
     task = Task(sizes, args.train_file)
-    for unit in units:
-        path = unit_dir / f"{unit}.json"
-        if path.exists():
-            print(f"[{unit}] done earlier", flush=True)
-            continue
-        if not common.claim(path):
-            print(f"[{unit}] running in another process", flush=True)
-            continue
-        print(f"[{unit}]", flush=True)
-        t0 = time.perf_counter()
-        result = run_unit(unit, task, sizes, args, unit_dir)
-        if unit == "teacher":  # what every unit's process computes alike, recorded once
-            result.update(machine=machine(), copy_bleu={split: task.copy_bleu(split) for split in ("dev", "test")},
-                          splits={name: {"file": sp["file"], "ids": sp["ids"]} for name, sp in task.splits.items()},
-                          train_pairs=len(task.train["index"]), train_lines=task.train_lines)
-        path.write_text(json.dumps({"unit": unit, "sizes": sizes, "wall_seconds": time.perf_counter() - t0,
-                                    **result}, indent=1, default=str))
-        path.with_suffix(".claim").unlink()
+    common.run_units(units, unit_dir, lambda unit: run_unit(unit, task, sizes, args, unit_dir))
     report(args, sizes, stem, unit_dir)
 
 

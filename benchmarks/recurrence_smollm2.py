@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -49,7 +48,18 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, MiB, claim, machine, machine_line, report_row, unit_free_command, write_results
+from common import (
+    RESULTS,
+    ROOT,
+    MiB,
+    machine,
+    machine_line,
+    report_row,
+    run_units,
+    saved_units,
+    unit_free_command,
+    write_results,
+)
 
 import makemost_jax as mm
 from makemost_jax.assets import read_sample
@@ -293,30 +303,17 @@ def run(args):
     print(f"model: {desc}\ntraining: {len(train_docs)} chapters; evaluation: "
           f"{', '.join(f'{len(v)} x {args.doc_tokens} tokens of {d}' for d, v in docs.items())}", flush=True)
     costs = Costs(lm, args)
-    for unit in units:
-        path = unit_dir / f"{unit.replace(':', '_')}.json"
-        if path.exists():
-            print(f"[{unit}] done earlier", flush=True)
-            continue
-        if not claim(path):
-            print(f"[{unit}] running in another process", flush=True)
-            continue
-        print(f"[{unit}]", flush=True)
-        t0 = time.perf_counter()
-        rows = run_unit(unit, lm, tok, train_docs, docs, costs, args)
-        path.write_text(json.dumps({"unit": unit, "seconds": time.perf_counter() - t0, "model": desc,
-                                    "machine": machine(), "rows": rows}, indent=1))
-        path.with_suffix(".claim").unlink()
+    run_units(units, unit_dir, lambda unit: {"model": desc, "machine": machine(), "rows": run_unit(
+        unit, lm, tok, train_docs, docs, costs, args)}, time_key="seconds")
     report(args, stem, unit_dir)
 
 
 def report(args, stem: str, unit_dir: Path):
     """Write JSON, Markdown and plot once every unit is saved."""
-    missing = [u for u in all_units(args.windows) if not (unit_dir / f"{u.replace(':', '_')}.json").exists()]
-    if missing:
-        print(f"units still to run: {', '.join(missing)}; the report is written when they are done")
+    saved = saved_units(all_units(args.windows), unit_dir)
+    if saved is None:
         return
-    saved = [json.loads((unit_dir / f"{u.replace(':', '_')}.json").read_text()) for u in all_units(args.windows)]
+    saved = list(saved.values())
     rows = [r for s in saved for r in s["rows"]]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("report_only", "units", "out_dir")}
