@@ -8,8 +8,10 @@ script times, in one process on the same random GPT-2-small weights (float32, th
    after every call;
 2. the step's matrix multiplications alone (per layer: QKV, attention output, MLP up and down; then the
    vocabulary projection), each as a plain `a @ b` in both frameworks;
-3. JAX's attention of one query over every layer's cache in three layouts: today's stacked (L, B, S, H, K)
-   under the layer scan, a stacked heads-first one, and one heads-first buffer per layer.
+3. JAX's attention of one query over every layer's cache in three layouts: the stacked (L, B, S, H, K) the
+   cache had until 2026-12-06, today's stacked heads-first (L, B, H, S, K) under the layer scan, and one
+   heads-first buffer per layer (which would need the layer loop unrolled; on XLA's CPU backend the unrolled
+   model, with its weights sliced per layer, ran slower than the scan).
 
 The difference between 1 and 2 is everything else (attention over the cache, layer norms, the cache
 write, dispatch). If JAX's matmuls are no faster than PyTorch's, a beam search can beat `generate` only
@@ -103,10 +105,9 @@ def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
 def attention_layouts(hf_config, rows: int, repeats: int) -> dict:
     """ms of one query's attention over every layer's cached keys/values (CACHED + 48 slots), by cache layout.
 
-    `stacked (L, B, S, H, K), scan` is what `forward` runs today: each layer's slice is cut out of the stacked
-    cache and turned heads-first for the batched matmuls. The others show what a cache laid out differently
-    would cost: heads-first and stacked (the slice is still copied out), heads-first with one buffer per layer
-    (nothing is copied).
+    `stacked (L, B, S, H, K), scan` is the cache's former layout: each layer's slice was cut out of the stacked
+    cache and turned heads-first for the batched matmuls. `stacked (L, B, H, S, K), scan` is today's (the
+    slice is still copied out, but not transposed); one heads-first buffer per layer copies nothing.
     """
     layers, heads = hf_config.n_layer, hf_config.n_head
     width = hf_config.n_embd // heads
@@ -175,7 +176,7 @@ def markdown(rows: list[dict], info: dict) -> str:
                          f"{m['ms']['torch']:.3f} ({m['gflop_per_s']['torch']:.0f}) |")
     names = list(rows[0]["attention_ms"])
     lines += ["", (f"Attention of one query over every layer's {SLOTS} cached slots, JAX only, by the layout of the cache "
-                   "(ms for all layers; the first is what `forward` runs today):"), "",
+                   "(ms for all layers; the second is what `forward` runs today, the first what it ran before 2026-12-06):"), "",
               "| rows | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {r['rows']} | " + " | ".join(f"{r['attention_ms'][n]:.1f}" for n in names) + " |" for r in rows]
     big = max(rows, key=lambda r: r["rows"])

@@ -81,8 +81,8 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
     positions = np.broadcast_to(cache + np.arange(segment), (batch, segment))  # GPT-2: after the cached tokens
     args_t = (torch.as_tensor(inputs), torch.as_tensor(targets), torch.as_tensor(positions.copy()))
 
-    def to_jax(per_layer):  # L x (B, H, C, K) -> (L, B, C, H, K)
-        return jnp.asarray(np.stack([t.permute(0, 2, 1, 3).numpy() for t in per_layer]))
+    def to_jax(per_layer):  # L x (B, H, C, K) -> (L, B, H, C, K), the cache's heads-first layout
+        return jnp.asarray(np.stack([t.numpy() for t in per_layer]))
 
     kv = (to_jax(state_t.keys), to_jax(state_t.values))
     state = HSOState(past=kv, base=None, positions=jnp.broadcast_to(jnp.arange(cache, dtype=jnp.int32), (batch, cache)),
@@ -100,7 +100,7 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
         return probe_step(model, state_t, *args_t)
 
     (loss_j, grads_j), (loss_t, grads_t) = run_jax(), run_torch()  # warm-up, and a parity check
-    grad_t = np.stack([g.permute(0, 2, 1, 3).numpy() for g in grads_t[:len(grads_t) // 2]])
+    grad_t = np.stack([g.numpy() for g in grads_t[:len(grads_t) // 2]])
     grad_scale = float(np.abs(grad_t).max())
     grad_diff = float(np.abs(np.asarray(grads_j[0]) - grad_t).max()) / grad_scale
     jax_times, torch_times = [], []
@@ -157,7 +157,8 @@ def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps
         raise SystemExit(f"the Austen sample has {len(ids)} tokens; ask for at most that many")
     tokens = ids[None, :n_tokens]
     other = ids[None, -n_tokens:]  # a different text of the same length: must not compile again
-    cfg = HSOConfig(segment=segment, cache_size=cache, lr=lr, hso_steps=hso_steps)
+    # No attention sinks: the PyTorch reference has none, and the NLLs are compared segment by segment.
+    cfg = HSOConfig(segment=segment, cache_size=cache, lr=lr, hso_steps=hso_steps, sink=0)
     off = dataclasses.replace(cfg, lr=0.0)
 
     first = hso_nll(params, tokens, cfg)  # compiles

@@ -369,7 +369,7 @@ def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAUL
     Example:
         >>> # cache = jax.device_put(cache, cache_shardings(cache, mesh))
     """
-    kv_axes = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+    kv_axes = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
 
     def spec(axes, x):
         return NamedSharding(mesh, partition_spec(axes, x.shape, mesh, rules))

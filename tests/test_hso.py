@@ -102,15 +102,17 @@ def _reference_loop(params, tokens_N, segment, cache_size, lr, beta1=0.9, beta2=
 
     def run(kv_k, kv_v, x, y, w, start):
         p = kv_k.shape[1]
-        cache = KVCache(k=jnp.pad(kv_k[:, None], ((0, 0), (0, 0), (0, segment), (0, 0), (0, 0))),
-                        v=jnp.pad(kv_v[:, None], ((0, 0), (0, 0), (0, segment), (0, 0), (0, 0))),
+        def as_cache(x_LPGH):  # (L, 1, G, P + segment, H): one row, heads first, room for the segment
+            return jnp.pad(x_LPGH.transpose(0, 2, 1, 3)[:, None], ((0, 0), (0, 0), (0, 0), (0, segment), (0, 0)))
+
+        cache = KVCache(k=as_cache(kv_k), v=as_cache(kv_v),
                         positions=jnp.where(jnp.arange(p + segment) < p, jnp.arange(p + segment), -1)[None],
                         fill=jnp.int32(p),
                         next_position=jnp.zeros((1,), jnp.int32))
         out = mm.forward(params, x[None], cache=cache, positions=(start + jnp.arange(segment))[None])
         logp = jax.nn.log_softmax(out.logits[0], -1)
         nll = -jnp.sum(jnp.take_along_axis(logp, y[:, None], 1)[:, 0] * w)
-        return nll, (out.cache.k[:, 0, p:], out.cache.v[:, 0, p:])
+        return nll, tuple(x[:, 0, :, p:].transpose(0, 2, 1, 3) for x in (out.cache.k, out.cache.v))
 
     for i in range(n_seg):
         x = jnp.asarray(padded[i * segment:(i + 1) * segment])
@@ -164,11 +166,11 @@ def test_scanned_loop_matches_python_reference_with_eviction(family, recompute, 
     for j, s in enumerate(slots):
         # float32 against float64 Adam: an element whose gradient is ~0 can move by a fraction of lr (3e-2)
         # differently; a misplaced or unevicted slot would be off by O(1)
-        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, j]), s["k"], rtol=1e-4, atol=5e-3)
-        np.testing.assert_allclose(np.asarray(state.past[1][:, 0, j]), s["v"], rtol=1e-4, atol=5e-3)
+        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, :, j]), s["k"], rtol=1e-4, atol=5e-3)
+        np.testing.assert_allclose(np.asarray(state.past[1][:, 0, :, j]), s["v"], rtol=1e-4, atol=5e-3)
         # a second step's gradient is taken at those slightly different states: moments agree to a few %
-        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, j]), s["mk"], rtol=5e-2, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state.adam.v[1][:, 0, j]), s["vv"], rtol=5e-2, atol=1e-8)
+        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, :, j]), s["mk"], rtol=5e-2, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.adam.v[1][:, 0, :, j]), s["vv"], rtol=5e-2, atol=1e-8)
     # The 4 oldest survivors (segment 4) were updated while segment 5 was scored; segment 5's were not.
     assert np.asarray(state.adam.steps).tolist() == [s["t"] for s in slots] == [hso_steps] * 4 + [0] * 8
     # HSO changed the scores: the update is on.
@@ -208,7 +210,7 @@ def test_sink_keeps_the_first_tokens_cached():
     _, _, state = run_segments(params, segments, hyper, cache_size=12, update=False, sink=2)
     _, _, first = run_segments(params, jax.tree.map(lambda x: x[:1], segments), hyper, cache_size=12,
                                update=False)
-    np.testing.assert_array_equal(np.asarray(state.past[0][:, :, :2]), np.asarray(first.past[0][:, :, :2]))
+    np.testing.assert_array_equal(np.asarray(state.past[0][:, :, :, :2]), np.asarray(first.past[0][:, :, :, :2]))
     assert int(state.fill) == 12 and bool(state.valid.all())
     _, _, updated = run_segments(params, segments, hyper, cache_size=12, sink=2)
     assert np.asarray(updated.adam.steps).tolist() == [4, 4] + [1] * 2 + [0] * 8  # sinks: 4 updates each

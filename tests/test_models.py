@@ -123,7 +123,7 @@ def test_reading_a_full_cache_without_writing_equals_the_full_forward(hf, family
     rest = mm.forward(params, TOKENS[:, 10:], cache=first.cache, write_cache=False)
     np.testing.assert_allclose(rest.logits, full.logits[:, 10:], atol=1e-5, rtol=0)
     assert rest.cache.size == TOKENS.shape[1] - 10 and int(rest.cache.fill) == TOKENS.shape[1] - 10
-    np.testing.assert_allclose(rest.cache.k, full.cache.k[:, :, 10:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rest.cache.k, full.cache.k[:, :, :, 10:], atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="do not fit in the cache"):
         mm.forward(params, TOKENS[:, 10:], cache=first.cache)  # writing needs the room
 
@@ -154,7 +154,7 @@ def test_gradient_with_respect_to_cache_matches_finite_differences(hf, family):
         return -mm.token_logprobs(logits, target[:, 1:]).sum()
 
     grad_k, grad_v = jax.grad(nll, argnums=(0, 1))(cache.k, cache.v)
-    assert float(jnp.abs(grad_k[:, :, :8]).max()) > 0 and float(jnp.abs(grad_k[:, :, 8:]).max()) == 0
+    assert float(jnp.abs(grad_k[:, :, :, :8]).max()) > 0 and float(jnp.abs(grad_k[:, :, :, 8:]).max()) == 0
     for seed in range(3):  # directional derivatives along random directions
         dk, dv = (jax.random.normal(jax.random.key(seed + i), cache.k.shape) for i in (0, 10))
         eps = 1e-2

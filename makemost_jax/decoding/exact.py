@@ -146,7 +146,8 @@ def _expand(params: Params, cache: KVCache, pool, rows_E, tokens_E, chain_EA, le
     slot_EA = jnp.maximum(chain_EA, 0)
 
     def place(buffer, pool_x):
-        return buffer.at[:, :, start:start + a].set(jnp.where(have_EA[None, :, :, None, None], pool_x[:, slot_EA], 0))
+        ancestors_LEGAK = pool_x[:, slot_EA].transpose(0, 1, 3, 2, 4)  # heads first, as the cache
+        return buffer.at[:, :, :, start:start + a].set(jnp.where(have_EA[None, :, None, :, None], ancestors_LEGAK, 0))
 
     # Ancestor i (0-based) of a prefix of length d sits in column a - (d - 1) + i, at position prompt + i.
     prompt_E = rows.next_position
@@ -158,7 +159,7 @@ def _expand(params: Params, cache: KVCache, pool, rows_E, tokens_E, chain_EA, le
                   logits_at=0)
     # Padding rows write nowhere (an out-of-range slot is dropped).
     target_E = jnp.where(lengths_E > 0, slots_E, pool_k.shape[1])
-    pool = tuple(p.at[:, target_E].set(new[:, :, start + a], mode="drop")
+    pool = tuple(p.at[:, target_E].set(new[:, :, :, start + a], mode="drop")
                  for p, new in ((pool_k, out.cache.k), (pool_v, out.cache.v)))
     logp_EV = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])

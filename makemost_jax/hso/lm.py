@@ -17,7 +17,7 @@ buffer, so a text compiles once per (segments, batch) shape, and the learning ra
 and betas are traced values: a sweep over them reuses the compiled program.
 
 Dimensions: K segments, B texts, S segment length, C cache slots, L layers,
-G key/value heads, H head width (cache arrays are (L, B, C, G, H)).
+G key/value heads, H head width (cache arrays are (L, B, G, C, H), heads first as `KVCache` keeps them).
 
 Example:
     >>> import jax, numpy as np
@@ -57,12 +57,12 @@ from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
 
-SLOT_AXIS = 2  # of the (L, B, C, G, H) cache arrays
+SLOT_AXIS = 3  # of the (L, B, G, C, H) cache arrays
 # The gradient w.r.t. the cache keeps each layer's matmul outputs and recomputes the
 # attention's elementwise work: no (L, S, C) stacks of scores to fill and read back,
 # 5% faster and less memory than keeping everything (an A/B of bench_hso's probe, CPU).
 GRADIENT_REMAT = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-KV_AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Segments:
 class HSOState:
     """The scan carry: the optimised states, the cache bookkeeping and per-slot Adam."""
 
-    past: tuple  # (k, v), each (L, B, C, G, H): the states, or their offsets when `base` is set
+    past: tuple  # (k, v), each (L, B, G, C, H): the states, or their offsets when `base` is set
     base: tuple | None  # (k, v) the unoptimised states in offsets mode, else None
     positions: jax.Array  # (B, C) int32: each slot's position, -1 when empty
     fill: jax.Array  # () int32
@@ -208,7 +208,7 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
     """NLL of one segment read after the cached states `kv`; returns (total, (nll_B, new_kv)).
 
     `kv` is the differentiable argument (the effective cached keys and values); the
-    segment's own new keys/values (L, B, S, G, H) come back as auxiliary output.
+    segment's own new keys/values (L, B, G, S, H) come back as auxiliary output.
 
     Example:
         >>> # (loss, (nll_B, new_kv)), grad = jax.value_and_grad(

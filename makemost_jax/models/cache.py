@@ -12,6 +12,12 @@ pytree, `jax.grad` with respect to the cache, `lax.scan` over windows and
 An encoder-decoder's cache also carries its `EncodedSource`: every decoder layer's
 cross-attention keys and values, computed once per source, and the source's mask.
 
+Keys and values are stored heads first, (L, B, G, S, K): a decode step reads every
+layer's whole cache, and in the (L, B, S, G, K) order the attention's batched matmuls
+first had to transpose each layer's slice, a copy of the whole cache at every step (one
+query's attention over 12 layers at 64 rows: 144 ms against 99 ms on one CPU core,
+`benchmarks/bench_decode_step.py`).
+
 Methods never rebuild a cache field by field: `repeat_rows` and `gather_rows` work on
 any cache that declares the batch axis of its fields in `ROW_AXES` (nested pytrees that
 declare their own, like the encoded source, included).
@@ -22,7 +28,7 @@ Example:
     ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
     >>> cache = init_cache(cfg, batch=3, size=16)
     >>> cache.k.shape, int(cache.fill), repeat_rows(cache, 2).batch
-    ((2, 3, 16, 4, 16), 0, 6)
+    ((2, 3, 4, 16, 16), 0, 6)
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ from makemost_jax.models.config import ModelConfig
 class EncodedSource:
     """What a decoder's cross-attention reads of one batch of sources."""
 
-    k: jax.Array  # (L, B, S, G, K) every decoder layer's cross-attention keys
-    v: jax.Array  # (L, B, S, G, K)
+    k: jax.Array  # (L, B, G, S, K) every decoder layer's cross-attention keys, heads first
+    v: jax.Array  # (L, B, G, S, K)
     mask: jax.Array  # (B, S) bool: real source tokens
 
     ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "mask": 0}
@@ -55,8 +61,8 @@ class EncodedSource:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # (L, B, S, G, K); rotary keys are stored already rotated
-    v: jax.Array  # (L, B, S, G, K)
+    k: jax.Array  # (L, B, G, S, K), heads first; rotary keys are stored already rotated
+    v: jax.Array  # (L, B, G, S, K)
     positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
     next_position: jax.Array  # (B,) int32: position id of each row's next token
@@ -64,11 +70,11 @@ class KVCache:
 
     # Fields with a batch axis (a nested pytree with ROW_AXES of its own: None).
     ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "positions": 0, "next_position": 0, "source": None}
-    SLOT_AXES: ClassVar[dict] = {"k": 2, "v": 2, "positions": 1}  # fields with a slot axis
+    SLOT_AXES: ClassVar[dict] = {"k": 3, "v": 3, "positions": 1}  # fields with a slot axis
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -86,7 +92,7 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) ->
     Example:
         >>> # cache = init_cache(params.config, batch=2, size=128, dtype=jnp.bfloat16)
     """
-    shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),

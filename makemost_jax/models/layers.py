@@ -276,7 +276,8 @@ class Attention(nnx.Module):
         self.q_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
         self.k_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
 
-    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None):
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGSK, v_BGSK, extra=None):
+        """Returns (output, the input's own keys and values (B, G, T, K), heads first as the cache keeps them)."""
         b, t, _ = x_BTD.shape
         a = cfg.attention
         h, g, k = a.n_heads, a.n_kv_heads, a.head_dim
@@ -290,8 +291,9 @@ class Attention(nnx.Module):
             k_BTGK = apply_rotary(k_BTGK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
         # The cache is only read here: its keys come first, the input's own after them, and
         # `forward` writes the new keys into the cache once, after all layers.
-        keys = (k_BTGK,) if k_BSGK is None else (k_BSGK, k_BTGK)
-        values = (v_BTGK,) if v_BSGK is None else (v_BSGK, v_BTGK)
+        k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
+        keys = (k_BGTK,) if k_BGSK is None else (k_BGSK, k_BGTK)
+        values = (v_BGTK,) if v_BGSK is None else (v_BGSK, v_BGTK)
         if a.scale_by_inverse_layer:
             q_BTHK = q_BTHK / (layer["index"] + 1).astype(q_BTHK.dtype)
         attend_BTS = ctx["attend"]
@@ -300,25 +302,25 @@ class Attention(nnx.Module):
             attend_BTS = attend_BTS & near_BTS
         scale = 1.0 / math.sqrt(k) if a.scale is None else a.scale
         out_BTHK = attention(q_BTHK, keys, values, attend_BTS, scale, extra, a.softcap, ctx.get("bias"))
-        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BTGK, v_BTGK
+        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BGTK, v_BGTK
 
-    def attend_source(self, cfg: ModelConfig, x_BTD, k_BSGK, v_BSGK, attend_BTS):
+    def attend_source(self, cfg: ModelConfig, x_BTD, k_BGSK, v_BGSK, attend_BTS):
         """Cross-attention: queries from `x`, keys/values of the encoded source (`project_source`)."""
         b, t, _ = x_BTD.shape
         a = cfg.attention
         q_BTHK = self.q(x_BTD).reshape(b, t, a.n_heads, a.head_dim)
         scale = 1.0 / math.sqrt(a.head_dim) if a.scale is None else a.scale
-        out_BTHK = attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale)
+        out_BTHK = attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale)
         return self.o(out_BTHK.reshape(b, t, a.n_heads * a.head_dim).astype(x_BTD.dtype))
 
 
 def project_source(cfg: ModelConfig, cross_weights: dict, source_BSD):
-    """Every layer's cross-attention keys and values of an encoded source, (L, B, S, G, K) each.
+    """Every layer's cross-attention keys and values of an encoded source, (L, B, G, S, K) each (heads first).
 
     Computed once per source; decoding reads them at every step.
 
     Example:
-        >>> # k_LBSGK, v_LBSGK = project_source(cfg, weights["layers"]["cross_attn"], encoded_BSD)
+        >>> # k_LBGSK, v_LBGSK = project_source(cfg, weights["layers"]["cross_attn"], encoded_BSD)
     """
     shape = (cfg.n_layers, *source_BSD.shape[:2], cfg.n_kv_heads, cfg.head_dim)
 
@@ -326,7 +328,7 @@ def project_source(cfg: ModelConfig, cross_weights: dict, source_BSD):
         y_LBSE = jnp.einsum("bsd,lde->lbse", source_BSD, w["kernel"].astype(source_BSD.dtype))
         if "bias" in w:
             y_LBSE = y_LBSE + w["bias"][:, None, None].astype(y_LBSE.dtype)
-        return y_LBSE.reshape(shape)
+        return y_LBSE.reshape(shape).transpose(0, 1, 3, 2, 4)
 
     return project(cross_weights["k"]), project(cross_weights["v"])
 
@@ -390,10 +392,11 @@ def _use_cudnn(dtype) -> bool:
     return choice == "cudnn"
 
 
-def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
+def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
-    The keys and values may come in parts, a tuple of (B, S_i, G, K) arrays each (a
+    Keys and values are heads first, (B, G, S, K), the layout the batched matmuls read
+    (and the cache's). They may come in parts, a tuple of (B, G, S_i, K) arrays each (a
     cache and the new tokens' own): one softmax runs over all S = sum S_i keys, in the
     parts' order, without joining them into one buffer (which would copy the cache).
     `attend_BTS` is a boolean mask over those S keys; None means plain causal attention
@@ -401,28 +404,29 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
 
     `softcap`, optional, squashes the scores to (-softcap, softcap) (Gemma 2).
     `bias_BHTS`, optional, is added to the scaled scores (T5's relative positions; B may be 1).
-    `extra`, optional, is `(k_BMGK, v_BMGK, gate_H)`: M more key/value slots that every
-    query may read. Head h returns `(1 - gate[h]) * plain + gate[h] * joint`, where `joint`
+    `extra`, optional, is `(k_BMGK, v_BMGK, gate_H)` (not heads first): M more key/value
+    slots that every query may read. Head h returns `(1 - gate[h]) * plain + gate[h] * joint`, where `joint`
     is the attention over the extra slots and the keys together (one softmax, as if the
     slots were prepended to the cache). A gate of 0 gives exactly the plain attention, so
     a module that starts with zero gates leaves a pretrained model unchanged (the
     recurrence memory enters this way).
 
     Example:
-        >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 3, 2, 8))
+        >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 2, 3, 8))
         >>> attention(q, kv, kv, None, 8 ** -0.5).shape
         (1, 3, 4, 8)
-        >>> cache = jnp.ones((1, 5, 2, 8)); mask = jnp.ones((1, 3, 8), bool)
+        >>> cache = jnp.ones((1, 2, 5, 8)); mask = jnp.ones((1, 3, 8), bool)
         >>> attention(q, (cache, kv), (cache, kv), mask, 8 ** -0.5).shape   # 5 cached + 3 own keys
         (1, 3, 4, 8)
     """
-    keys = k_BSGK if isinstance(k_BSGK, tuple) else (k_BSGK,)
-    values = v_BSGK if isinstance(v_BSGK, tuple) else (v_BSGK,)
+    keys = k_BGSK if isinstance(k_BGSK, tuple) else (k_BGSK,)
+    values = v_BGSK if isinstance(v_BGSK, tuple) else (v_BGSK,)
     b, t, h, k = q_BTHK.shape
-    g = keys[0].shape[2]
+    g = keys[0].shape[1]
     if attend_BTS is None:
         if len(keys) == 1 and extra is None and softcap is None and bias_BHTS is None and _use_cudnn(q_BTHK.dtype):
-            return jax.nn.dot_product_attention(q_BTHK, keys[0], values[0], scale=scale, is_causal=True,
+            k_BSGK, v_BSGK = (x[0].transpose(0, 2, 1, 3) for x in (keys, values))
+            return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
     r = h // g
@@ -431,10 +435,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
     q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
 
-    def heads_first(x_BSGK):
-        return x_BSGK.astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
-
-    scores_BGRTS = jnp.concatenate([jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, heads_first(k_part),
+    scores_BGRTS = jnp.concatenate([jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_part.astype(q_BTHK.dtype),
                                                preferred_element_type=wide) for k_part in keys],
                                    axis=-1).reshape(b, g, r, t, -1) * scale
     if bias_BHTS is not None:
@@ -449,9 +450,10 @@ def attention(q_BTHK, k_BSGK, v_BSGK, attend_BTS, scale: float, extra=None, soft
     weights_BGQS = jnp.exp(scores_BGRTS - shift_BGRT1).reshape(b, g, r * t, -1)
     num_BGQK, start = 0, 0
     for v_part in values:
-        width = v_part.shape[1]
+        width = v_part.shape[2]
         w_BGQS = weights_BGQS[..., start:start + width].astype(q_BTHK.dtype)
-        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", w_BGQS, heads_first(v_part), preferred_element_type=wide)
+        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", w_BGQS, v_part.astype(q_BTHK.dtype),
+                                         preferred_element_type=wide)
         start += width
     num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
     den_BGRT1 = weights_BGQS.sum(axis=-1).reshape(b, g, r, t, 1)
@@ -533,25 +535,25 @@ class Block(nnx.Module):
             return self.cross_norm(x_BTD + attend(x_BTD))
         return x_BTD + attend(self.cross_norm(x_BTD))
 
-    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BSGK, v_BSGK, extra=None, source=None):
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGSK, v_BGSK, extra=None, source=None):
         def attn(h_BTD):
-            return self.attn(cfg, h_BTD, ctx, layer, k_BSGK, v_BSGK, extra)  # (out, the input's own k, v)
+            return self.attn(cfg, h_BTD, ctx, layer, k_BGSK, v_BGSK, extra)  # (out, the input's own k, v)
 
         placement = cfg.norm.placement
         if placement == "post":  # BERT, BART, Marian, OPT without layer_norm_before
-            a_BTD, k_BTGK, v_BTGK = attn(x_BTD)
+            a_BTD, k_BGTK, v_BGTK = attn(x_BTD)
             x_BTD = self._cross(cfg, self.attn_norm(x_BTD + a_BTD), ctx, source)
-            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BTGK, v_BTGK
-        a_BTD, k_BTGK, v_BTGK = attn(self.attn_norm(x_BTD))
+            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BGTK, v_BGTK
+        a_BTD, k_BGTK, v_BGTK = attn(self.attn_norm(x_BTD))
         if cfg.norm.parallel:  # GPT-NeoX: both sub-layers read the block input
-            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BTGK, v_BTGK
+            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BGTK, v_BGTK
         if placement == "sandwich":
             a_BTD = self.post_attn_norm(a_BTD)
         x_BTD = self._cross(cfg, x_BTD + a_BTD, ctx, source)
         m_BTD = self.mlp(cfg, self.mlp_norm(x_BTD))
         if placement == "sandwich":
             m_BTD = self.post_mlp_norm(m_BTD)
-        return x_BTD + m_BTD, k_BTGK, v_BTGK
+        return x_BTD + m_BTD, k_BGTK, v_BGTK
 
 
 # Logical axes of every Block parameter (without the leading "layers" axis). A parameter
@@ -665,18 +667,18 @@ def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None) -> d
             "key_positions": positions_BT if key_positions_BS is None else key_positions_BS}
 
 
-def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=None, v_LBSGK=None,
+def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGSK=None, v_LBGSK=None,
                return_hidden: bool = False, extra_kv=None, source_kv=None):
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
 
-    `ctx` comes from `attention_context`. `k_LBSGK`/`v_LBSGK` are the cache buffers (None
-    for encoders and fresh prefills), only read: the returned k, v (L, B, T, G, K) are the
+    `ctx` comes from `attention_context`. `k_LBGSK`/`v_LBGSK` are the cache buffers (None
+    for encoders and fresh prefills), only read: the returned k, v (L, B, G, T, K) are the
     input tokens' own, for the caller to write into its cache once (writing inside the
     scan would copy the whole cache at every layer). Per-layer settings (index, sliding
     window, rotary frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
     `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
     query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
-    a decoder with cross-attention, is `(k_LBSGK, v_LBSGK)` of the encoded source
+    a decoder with cross-attention, is `(k_LBGSK, v_LBGSK)` of the encoded source
     (`project_source`); `ctx["source_attend"]` (B, 1, S) says which source slots are real.
 
     Example:
@@ -690,18 +692,18 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBSGK=
         per_layer["inv_freq"], per_layer["rope_factor"] = rotary
 
     def step(x_BTD, xs):
-        weights, layer, k_BSGK, v_BSGK, extra, source = xs
+        weights, layer, k_BGSK, v_BGSK, extra, source = xs
         x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
-        y_BTD, k_BTGK, v_BTGK = block(cfg, x_BTD, ctx, layer, k_BSGK, v_BSGK, extra, source)
-        return y_BTD, (k_BTGK, v_BTGK, y_BTD if return_hidden else None)
+        y_BTD, k_BGTK, v_BGTK = block(cfg, x_BTD, ctx, layer, k_BGSK, v_BGSK, extra, source)
+        return y_BTD, (k_BGTK, v_BGTK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
-    x_BTD, (k_LBTGK, v_LBTGK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, per_layer, k_LBSGK, v_LBSGK, extra_kv, source_kv),
+    x_BTD, (k_LBGTK, v_LBGTK, hidden_LBTD) = jax.lax.scan(
+        step, x_BTD, (layer_weights, per_layer, k_LBGSK, v_LBGSK, extra_kv, source_kv),
         unroll=cfg.n_layers if _LAYER_UNROLL.get() else 1)
-    return x_BTD, k_LBTGK, v_LBTGK, hidden_LBTD
+    return x_BTD, k_LBGTK, v_LBGTK, hidden_LBTD

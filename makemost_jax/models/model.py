@@ -509,12 +509,12 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         ctx = add_source_and_bias(ctx, ctx["key_positions"])
         x0_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types)
         buffers = (None, None) if fresh else (cache.k, cache.v)
-        x_BTD, k_LBTGK, v_LBTGK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
+        x_BTD, k_LBGTK, v_LBGTK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
                                                      extra_kv, source_kv)
         if fresh or not write_cache:  # a cache of the input's own T slots
-            k, v, key_positions_BS, fill = k_LBTGK, v_LBTGK, new_positions_BT, jnp.int32(t)
+            k, v, key_positions_BS, fill = k_LBGTK, v_LBGTK, new_positions_BT, jnp.int32(t)
         else:  # one write of every layer's new keys into the cache
-            k, v = (write_slots(old, new, slots_T, axis=2) for old, new in ((cache.k, k_LBTGK), (cache.v, v_LBTGK)))
+            k, v = (write_slots(old, new, slots_T, axis=3) for old, new in ((cache.k, k_LBGTK), (cache.v, v_LBGTK)))
             key_positions_BS, fill = cache.positions.at[:, slots_T].set(new_positions_BT), cache.fill + t
         new_cache = KVCache(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), positions=key_positions_BS,
                             fill=fill, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
