@@ -369,13 +369,13 @@ def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAUL
     Example:
         >>> # cache = jax.device_put(cache, cache_shardings(cache, mesh))
     """
-    kv_axes = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
+    from makemost_jax.models.cache import KV_AXES  # here: models import this module
 
     def spec(axes, x):
         return NamedSharding(mesh, partition_spec(axes, x.shape, mesh, rules))
 
     return dataclasses.replace(
-        cache, k=spec(kv_axes, cache.k), v=spec(kv_axes, cache.v),
+        cache, k=spec(KV_AXES, cache.k), v=spec(KV_AXES, cache.v),
         positions=spec(("batch", "cache_slots"), cache.positions), fill=replicated(mesh),
         next_position=spec(("batch",), cache.next_position))
 

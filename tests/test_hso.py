@@ -112,7 +112,7 @@ def _reference_loop(params, tokens_N, segment, cache_size, lr, beta1=0.9, beta2=
         out = mm.forward(params, x[None], cache=cache, positions=(start + jnp.arange(segment))[None])
         logp = jax.nn.log_softmax(out.logits[0], -1)
         nll = -jnp.sum(jnp.take_along_axis(logp, y[:, None], 1)[:, 0] * w)
-        return nll, tuple(x[:, 0, :, p:].transpose(0, 2, 1, 3) for x in (out.cache.k, out.cache.v))
+        return nll, tuple(kv[:, 0, :, p:].transpose(0, 2, 1, 3) for kv in (out.cache.k, out.cache.v))
 
     for i in range(n_seg):
         x = jnp.asarray(padded[i * segment:(i + 1) * segment])

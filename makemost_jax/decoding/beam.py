@@ -140,10 +140,12 @@ def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int, filled) -> K
     if start == 0:
         return dataclasses.replace(cache, k=gather(cache.k), v=gather(cache.v))
 
+    slots = KVCache.SLOT_AXES["k"]
+
     def block(i, kv):
         at = start + i * GATHER_BLOCK
         return tuple(jax.lax.dynamic_update_slice_in_dim(
-            x, gather(jax.lax.dynamic_slice_in_dim(x, at, GATHER_BLOCK, axis=3)), at, axis=3) for x in kv)
+            x, gather(jax.lax.dynamic_slice_in_dim(x, at, GATHER_BLOCK, axis=slots)), at, axis=slots) for x in kv)
 
     k_, v_ = jax.lax.fori_loop(0, (filled + GATHER_BLOCK - 1) // GATHER_BLOCK, block, (cache.k, cache.v))
     return dataclasses.replace(cache, k=k_, v=v_)

@@ -51,18 +51,17 @@ from makemost_jax.hso.adam import (
     init_slot_adam,
     slot_adam_step,
 )
-from makemost_jax.models.cache import KVCache, init_cache
+from makemost_jax.models.cache import KV_AXES, KVCache, init_cache
 from makemost_jax.models.layers import accumulation_dtype, remat_layers
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
 
-SLOT_AXIS = 3  # of the (L, B, G, C, H) cache arrays
+SLOT_AXIS = KVCache.SLOT_AXES["k"]  # of the (L, B, G, C, H) cache arrays
 # The gradient w.r.t. the cache keeps each layer's matmul outputs and recomputes the
 # attention's elementwise work: no (L, S, C) stacks of scores to fill and read back,
 # 5% faster and less memory than keeping everything (an A/B of bench_hso's probe, CPU).
 GRADIENT_REMAT = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)

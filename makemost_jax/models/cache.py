@@ -41,6 +41,9 @@ import jax.numpy as jnp
 
 from makemost_jax.models.config import ModelConfig
 
+# Logical axes of `KVCache.k` / `.v` (sharding rules and every method's slot axis read them here).
+KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -69,12 +72,14 @@ class KVCache:
     source: EncodedSource | None = None  # encoder-decoders: the encoded source the decoder reads
 
     # Fields with a batch axis (a nested pytree with ROW_AXES of its own: None).
-    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "positions": 0, "next_position": 0, "source": None}
-    SLOT_AXES: ClassVar[dict] = {"k": 3, "v": 3, "positions": 1}  # fields with a slot axis
+    ROW_AXES: ClassVar[dict] = {"k": KV_AXES.index("batch"), "v": KV_AXES.index("batch"), "positions": 0,
+                                "next_position": 0, "source": None}
+    SLOT_AXES: ClassVar[dict] = {"k": KV_AXES.index("cache_slots"), "v": KV_AXES.index("cache_slots"),
+                                 "positions": 1}  # fields with a slot axis
 
     @property
     def size(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[self.SLOT_AXES["k"]]
 
     @property
     def batch(self) -> int:

@@ -514,7 +514,8 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         if fresh or not write_cache:  # a cache of the input's own T slots
             k, v, key_positions_BS, fill = k_LBGTK, v_LBGTK, new_positions_BT, jnp.int32(t)
         else:  # one write of every layer's new keys into the cache
-            k, v = (write_slots(old, new, slots_T, axis=3) for old, new in ((cache.k, k_LBGTK), (cache.v, v_LBGTK)))
+            k, v = (write_slots(old, new, slots_T, axis=KVCache.SLOT_AXES["k"])
+                    for old, new in ((cache.k, k_LBGTK), (cache.v, v_LBGTK)))
             key_positions_BS, fill = cache.positions.at[:, slots_T].set(new_positions_BT), cache.fill + t
         new_cache = KVCache(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), positions=key_positions_BS,
                             fill=fill, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
