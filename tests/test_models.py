@@ -255,6 +255,10 @@ def test_bad_inputs_raise_clear_errors(tiny_gpt2_dir):
         mm.forward(params, [1, 2, 3])
     with pytest.raises(InputError, match="do not fit"):
         mm.forward(params, TOKENS[:, :5], cache=mm.init_cache(params.config, 3, 4))
+    slots_first = mm.init_cache(params.config, 3, 8)  # a hand-built cache in the old (L, B, S, G, K) order
+    slots_first = dataclasses.replace(slots_first, k=slots_first.k.swapaxes(2, 3), v=slots_first.v.swapaxes(2, 3))
+    with pytest.raises(InputError, match=r"\(layers, batch, kv_heads, slots, head_dim\) = \(2, 3, 4, 8, 8\)"):
+        mm.forward(params, TOKENS[:, :1], cache=slots_first)
     with pytest.raises(InputError, match="context"):
         mm.generate(params, [list(TOKENS[0])], max_new_tokens=60)
     with pytest.raises(InputError, match="context"):

@@ -296,6 +296,11 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache, write_cache: bool = True):
     if cache is not None:
         if cache.batch != tokens_BT.shape[0]:
             raise InputError(f"cache has batch {cache.batch} but tokens have batch {tokens_BT.shape[0]}")
+        want = (cfg.n_layers, cache.batch, cfg.n_kv_heads, cache.positions.shape[1], cfg.head_dim)
+        if cache.k.shape != want or cache.v.shape != want:
+            raise InputError(f"cache keys/values have shapes {cache.k.shape} and {cache.v.shape}; this model and "
+                             f"cache need (layers, batch, kv_heads, slots, head_dim) = {want}, heads first: build "
+                             "caches with init_cache")
         if not write_cache:  # only read: the new tokens need no room
             return
         t, window = tokens_BT.shape[1], cfg.uniform_window
