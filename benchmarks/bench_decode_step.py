@@ -1,6 +1,7 @@
 """Where a beam step's time goes on CPU: the one-token decode step, JAX vs PyTorch, and its matmuls alone.
 
-Beam search at 8 prompts x 8 beams is a decode step over 64 rows plus a top-k and a cache gather. This
+Beam search at 8 prompts x 8 beams is a decode step over 64 rows plus a top-k (its beams share their
+prompt's cache buffer, `models.cache.branch_rows`, where this script's rows have their own). This
 script times, in one process on the same random GPT-2-small weights (float32, the same threads):
 
 1. the decode step: one token per row after 48 cached tokens; JAX `decode_step` (jitted, cache donated, as

@@ -220,12 +220,10 @@ def test_sharded_beam_search_and_cbs_equal_one_device(tiny_llama_dir):
     eos = int(jnp.argmax(mm.forward(params, TOKENS[:1, :3]).logits[0, -1]))  # greedy's first token for row 0
     term = probe_term(params, eos, scale=1.0, min_length=2, layer=-1)
 
-    def search(p, batch):  # both gather modes: one per search (they share the gather code)
+    def search(p, batch):
         kw = {"beams": 2, "max_new_tokens": 6, "eos_id": eos}
-        return (beam_search(p, batch["tokens"], batch["mask"], length_penalty=0.6, length_norm="gnmt",
-                            gather="take", **kw),
-                beam_search(p, batch["tokens"], batch["mask"], term=term, attribute=MinLength(2), gather="onehot",
-                            **kw))
+        return (beam_search(p, batch["tokens"], batch["mask"], length_penalty=0.6, length_norm="gnmt", **kw),
+                beam_search(p, batch["tokens"], batch["mask"], term=term, attribute=MinLength(2), **kw))
 
     # data x fsdp x tensor = 2 x 2 x 2: rows split four ways, cached key/value heads two ways.
     plain, cbs = assert_sharded_equal(search, params, {"tokens": tokens, "mask": mask}, meshes=[MESHES[3]],

@@ -101,6 +101,28 @@ def test_incremental_decoding_equals_full_forward(hf, family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_sharing_buffers_equal_rows_with_their_own(hf, family):
+    """`branch_rows`: n rows read one buffer and see only their own tokens, as with private copies."""
+    from makemost_jax.models.cache import branch_rows, gather_rows, repeat_rows
+
+    params = mm.load(str(getattr(hf, family)()))
+    tokens, mask = pad_prompts([TOKENS[0, :4], TOKENS[1, :7]], pad_id=0, bucket=1)
+    n, calls, width = 3, 4, 2
+    first = mm.forward(params, tokens, mask=mask, cache=mm.init_cache(params.config, 2, 7 + n * calls * width))
+    private, shared = repeat_rows(first.cache, n), branch_rows(first.cache, n)
+    assert shared.k.shape[1] == 2 and shared.batch == 6 and shared.rows_per_buffer == n
+    new = np.random.RandomState(1).randint(2, 101, (calls, 6, width))
+    for step in range(calls):
+        a, b = (mm.forward(params, new[step], cache=c) for c in (private, shared))
+        np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=0)
+        parents = np.array([2, 0, 0, 4, 5, 3]) if step % 2 else np.array([1, 1, 2, 3, 3, 3])  # within each group
+        private, shared = gather_rows(a.cache, parents), gather_rows(b.cache, parents)
+    assert int(shared.fill) == 7 + n * calls * width and shared.k.shape[1] == 2
+    with pytest.raises(Exception, match="share key/value buffers"):
+        repeat_rows(shared, 2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_logits_at_selected_positions_equal_the_full_logits(hf, family):
     """`logits_at` computes the head only where asked; the numbers are the full forward's there."""
     params = mm.load(str(getattr(hf, family)()))

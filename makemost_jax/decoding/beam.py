@@ -1,11 +1,16 @@
-"""Beam search and conditional beam search (CBS) in one jitted `lax.while_loop`.
+"""Beam search and conditional beam search (CBS), jitted, with no host round-trips.
 
 The search is t5x-style and batched: the prompt is prefilled once outside the loop
-and its cache copied to the K beams; each step scores every continuation of every
-live beam, keeps the top 2K candidates, moves those that end (EOS or the length
-limit) into a finished set of K and continues the best K that did not end, gathering
-the KV cache by parent beam. Shapes are static, so one compilation serves every
-call with the same batch size, prompt bucket and settings.
+and its K beams share its cache slots (`models.cache.branch_rows`); each step scores
+every continuation of every live beam, keeps the top 2K candidates, moves those that
+end (EOS or the length limit) into a finished set of K and continues the best K that
+did not end. The K beams' tokens of a step go to K slots of one buffer per prompt, and
+each beam sees only the slots of its own history, so a beam that continues another's
+hypothesis takes over that beam's slot positions: no keys or values are ever copied.
+The steps run in up to `PHASES` `lax.while_loop`s, each over a cache that ends with
+the last slot its steps fill, so attention does not read the slots of later steps.
+Shapes are static, so one compilation serves every call with the same batch size,
+prompt bucket and settings.
 
 Conditional beam search is the same loop with an attribute term (METHODS.md 2): per
 live beam the `prefilter` most likely tokens get `weight * term(hidden, candidates,
@@ -57,12 +62,11 @@ import jax.numpy as jnp
 
 from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decode_step, decoder_inputs, prefill_forward
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KVCache, cache_size, repeat_rows
+from makemost_jax.models.cache import KVCache, branch_rows, extend_slots, gather_rows
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
 LENGTH_NORMS = ("hf", "gnmt")
-GATHERS = ("take", "onehot")
 
 
 @jax.tree_util.register_dataclass
@@ -91,7 +95,6 @@ class _Static:
     no_repeat_ngram_size: int
     attribute: Any
     prefilter: int  # candidate tokens per beam (the vocabulary when there is no term)
-    gather: str
     hidden_layer: int | None  # the term's layer; None without a term
 
 
@@ -110,45 +113,14 @@ def _step(params: Params, cache: KVCache, tokens_R, layer: int | None):
     return out.cache, out.logits[:, 0], out.hidden[layer][:, 0]
 
 
-GATHER_BLOCK = 8  # cache slots a beam step moves at a time
+PHASES = 4  # at most this many loops, each over a cache that holds only the slots filled by its end
+PHASE_STEPS = 16  # and at least this many steps each (one compiled loop body per phase)
 
 
-def _gather_cache(cache: KVCache, parent_BK, mode: str, start: int, filled) -> KVCache:
-    """Each beam's keys/values of slots [start, start + filled) become those of its parent beam.
-
-    The slots before `start` hold the prompt, the same for every beam of a prompt, and
-    the slots after the filled ones are empty: moving either would only cost memory
-    traffic (the gather is a large part of a step on CPU). So the filled slots move in
-    blocks of `GATHER_BLOCK` (the cache has whole blocks after `start`); `start=0` (a
-    rolling cache) moves every slot. The slots' positions and an encoder-decoder's
-    source are the same for every beam of a prompt: they are never gathered.
-    """
-    b, k = parent_BK.shape
-    if mode == "take":
-        flat_R = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
-
-        def gather(x):
-            return jnp.take(x, flat_R, axis=1)
-    else:
-        # A contraction over the beam axis keeps the batch axis local when rows are sharded.
-        onehot_BKK = jax.nn.one_hot(parent_BK, k, dtype=cache.k.dtype)
-
-        def gather(x):
-            x = x.reshape(x.shape[0], b, k, *x.shape[2:])
-            y = jnp.einsum("bnk,lbk...->lbn...", onehot_BKK, x, precision=jax.lax.Precision.HIGHEST)
-            return y.reshape(x.shape[0], b * k, *x.shape[3:])
-    if start == 0:
-        return dataclasses.replace(cache, k=gather(cache.k), v=gather(cache.v))
-
-    slots = KVCache.SLOT_AXES["k"]
-
-    def block(i, kv):
-        at = start + i * GATHER_BLOCK
-        return tuple(jax.lax.dynamic_update_slice_in_dim(
-            x, gather(jax.lax.dynamic_slice_in_dim(x, at, GATHER_BLOCK, axis=slots)), at, axis=slots) for x in kv)
-
-    k_, v_ = jax.lax.fori_loop(0, (filled + GATHER_BLOCK - 1) // GATHER_BLOCK, block, (cache.k, cache.v))
-    return dataclasses.replace(cache, k=k_, v=v_)
+def _phase_ends(n: int) -> list[int]:
+    """The step at which each phase of an n-step search ends (the last: n)."""
+    width = max(PHASE_STEPS, -(-n // PHASES))
+    return [min(n, end) for end in range(width, n + width, width)]
 
 
 def _normalise(logp, length, length_penalty, length_norm: str):
@@ -189,16 +161,19 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
     layer = static.hidden_layer
     f32 = jnp.float32
 
-    # The loop feeds N-1 tokens after the prompt (the last step only selects).
-    size = cache_size(params.config, t, t + n - 1)
-    # A rolling cache overwrites the prompt's slots, so beams then gather all slots;
-    # otherwise they gather only the filled ones after the prompt, in whole blocks.
-    shared_slots = t if size == t + n - 1 else 0
-    if shared_slots:
-        size = t + -(-(n - 1) // GATHER_BLOCK) * GATHER_BLOCK
-    cache, logits_BV, hidden_BD = _prefill(params, inputs, size, layer)
+    # The K beams of a prompt share its slots, and step i writes their K tokens to slots
+    # t + K*i ..; a beam sees only its own history, so following a parent moves positions,
+    # never keys. The loop feeds N-1 tokens (the last step only selects) in phases, each
+    # over a cache that ends with the slots filled by the end of the phase: attention
+    # never reads the slots of later steps.
+    ends = _phase_ends(n)
+
+    def slots(end: int) -> int:
+        return t + k * min(end, n - 1)
+
+    cache, logits_BV, hidden_BD = _prefill(params, inputs, slots(ends[0]), layer)
+    cache = branch_rows(cache, k)
     repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
-    cache = repeat_rows(cache, k)
     prompts_RT, mask_RT = repeat(prompts_BT), repeat(mask_BT)
     start_R = t - mask_RT.sum(1)  # first real prompt slot (left padding)
     beam_K = jnp.arange(k)
@@ -275,11 +250,8 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
                    fin_scores=fin_scores, fin_logp=fin_logp, fin_lengths=fin_lengths, fin_ok=fin_ok, done=done)
         return new, take(parent_BC, live_BK), take(token_BC, live_BK)
 
-    def cond(s):
-        return (s["step"] < n) & ~jnp.all(s["done"])
-
     def feed(s, parent_BK, token_BK):
-        cache = _gather_cache(s["cache"], parent_BK, static.gather, shared_slots, s["step"])
+        cache = gather_rows(s["cache"], (jnp.arange(b)[:, None] * k + parent_BK).reshape(r))
         cache, logits, hidden = _step(params, cache, token_BK.reshape(r), layer)
         return dict(s, cache=cache, logits=logits, hidden=hidden)
 
@@ -289,7 +261,11 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
         s = jax.lax.cond(s["step"] < n - 1, feed, lambda s, *_: s, s, parent_BK, token_BK)
         return dict(s, step=s["step"] + 1)
 
-    final = jax.lax.while_loop(cond, body, state)
+    final = state
+    for i, end in enumerate(ends):
+        if i:
+            final = dict(final, cache=extend_slots(final["cache"], slots(end) - slots(ends[i - 1])))
+        final = jax.lax.while_loop(lambda s, end=end: (s["step"] < end) & ~jnp.all(s["done"]), body, final)
     lengths = jnp.where(final["fin_ok"], final["fin_lengths"], 0)
     tokens = jnp.where(final["fin_ok"][..., None], final["fin_tokens"], pad)
     return BeamResult(tokens=tokens, lengths=lengths, scores=final["fin_scores"], logprobs=final["fin_logp"],
@@ -338,7 +314,7 @@ def beam_search(params: Params, prompts=None, mask=None, *, sources=None, source
                 max_length: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                 length_penalty: float = 0.0, length_norm: str = "hf", min_length: int = 0,
                 no_repeat_ngram_size: int = 0, attribute=None, term=None, weight: float = 1.0,
-                prefilter: int | None = None, gather: str = "take") -> BeamResult:
+                prefilter: int | None = None) -> BeamResult:
     """Beam search (with `term`/`attribute`: conditional beam search) over a batch of prompts.
 
     `prompts`: token-id lists of any lengths, or a (B, T) array (with `mask` for its
@@ -354,8 +330,7 @@ def beam_search(params: Params, prompts=None, mask=None, *, sources=None, source
     token that repeats an n-gram of prompt + output. `term(hidden_RD, candidates_RP,
     n_generated) -> log q (R, P)` (with attribute `hidden_layer`) is added with
     `weight` to the ranking of the `prefilter` (default 4*beams) likeliest tokens per
-    beam; `attribute.accepts(...)` filters finished hypotheses. `gather`: "take" or
-    "onehot" (a one-hot contraction, better when the cache is sharded).
+    beam; `attribute.accepts(...)` filters finished hypotheses.
     Returns a `BeamResult` (B, K, ...), best first.
 
     Example:
@@ -371,8 +346,6 @@ def beam_search(params: Params, prompts=None, mask=None, *, sources=None, source
         raise ConfigError(f"beams={beams} must be in [1, {v}] (the vocabulary size)")
     if length_norm not in LENGTH_NORMS:
         raise ConfigError(f"length_norm={length_norm!r} must be one of {LENGTH_NORMS}")
-    if gather not in GATHERS:
-        raise ConfigError(f"gather={gather!r} must be one of {GATHERS}")
     if no_repeat_ngram_size < 0:
         raise ConfigError(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 disables it)")
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
@@ -423,7 +396,7 @@ def beam_search(params: Params, prompts=None, mask=None, *, sources=None, source
     if attribute is not None:
         _check_attribute(attribute, 2 * rows, tokens_BT.shape[1], max_new_tokens)
     static = _Static(beams=beams, max_new_tokens=max_new_tokens, length_norm=length_norm, no_repeat_ngram_size=no_repeat_ngram_size, attribute=attribute,
-                     prefilter=prefilter, gather=gather, hidden_layer=layer)
+                     prefilter=prefilter, hidden_layer=layer)
     return _search(params, jax.tree.map(jnp.asarray, inputs), term, jnp.float32(weight),
                    jnp.float32(length_penalty), jnp.int32(min_length),
                    jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), static=static)

@@ -18,6 +18,14 @@ first had to transpose each layer's slice, a copy of the whole cache at every st
 query's attention over 12 layers at 64 rows: 144 ms against 99 ms on one CPU core,
 `benchmarks/bench_decode_step.py`).
 
+Rows may share buffers (`branch_rows`): a beam search keeps each prompt's keys once for
+all its beams, and every beam's generated tokens in one buffer per prompt. Keys and
+values then have B / n rows, one per group of n consecutive rows, while `positions` stays
+per row: a row sees only the slots its positions mark (its prompt and its own history),
+and each call writes the n rows' new tokens to n distinct runs of slots. Attention reads
+a shared buffer once for the n rows (`layers.attention`), and moving a beam to its
+parent's history is a gather of the (B, S) positions, not of the keys.
+
 Methods never rebuild a cache field by field: `repeat_rows` and `gather_rows` work on
 any cache that declares the batch axis of its fields in `ROW_AXES` (nested pytrees that
 declare their own, like the encoded source, included).
@@ -39,6 +47,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from makemost_jax.errors import ConfigError
 from makemost_jax.models.config import ModelConfig
 
 # Logical axes of `KVCache.k` / `.v` (sharding rules and every method's slot axis read them here).
@@ -50,11 +59,12 @@ KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
 class EncodedSource:
     """What a decoder's cross-attention reads of one batch of sources."""
 
-    k: jax.Array  # (L, B, G, S, K) every decoder layer's cross-attention keys, heads first
+    k: jax.Array  # (L, B, G, S, K) every decoder layer's cross-attention keys, heads first (B / n rows: shared)
     v: jax.Array  # (L, B, G, S, K)
     mask: jax.Array  # (B, S) bool: real source tokens
 
     ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "mask": 0}
+    BUFFERS: ClassVar[tuple] = ("k", "v")  # fields whose rows `branch_rows` shares
 
     @property
     def batch(self) -> int:
@@ -64,7 +74,7 @@ class EncodedSource:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # (L, B, G, S, K), heads first; rotary keys are stored already rotated
+    k: jax.Array  # (L, B, G, S, K), heads first; rotary keys are stored already rotated (B / n rows: shared)
     v: jax.Array  # (L, B, G, S, K)
     positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
@@ -74,6 +84,7 @@ class KVCache:
     # Fields with a batch axis (a nested pytree with ROW_AXES of its own: None).
     ROW_AXES: ClassVar[dict] = {"k": KV_AXES.index("batch"), "v": KV_AXES.index("batch"), "positions": 0,
                                 "next_position": 0, "source": None}
+    BUFFERS: ClassVar[tuple] = ("k", "v")  # fields whose rows `branch_rows` shares
     SLOT_AXES: ClassVar[dict] = {"k": KV_AXES.index("cache_slots"), "v": KV_AXES.index("cache_slots"),
                                  "positions": 1}  # fields with a slot axis
 
@@ -83,7 +94,12 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.positions.shape[0]
+
+    @property
+    def rows_per_buffer(self) -> int:
+        """Rows that share each row of the key/value buffers: 1, or n after `branch_rows`."""
+        return self.batch // self.k.shape[1]
 
     @property
     def valid(self) -> jax.Array:
@@ -123,21 +139,31 @@ def cache_size(config: ModelConfig, prompt_length: int, total_length: int) -> in
     return min(total_length, max(prompt_length, window))
 
 
-def _map_rows(cache, fn):
-    def one(value, axis):
+def _map_rows(cache, fn, shared=None):
+    """`fn(field, axis)` on every field with a batch axis; `shared(field)` on buffers that rows share."""
+    def one(name, value, axis):
         if value is None:
             return None
-        return _map_rows(value, fn) if axis is None else fn(value, axis)
+        if axis is None:
+            return _map_rows(value, fn, shared)
+        if name not in type(cache).BUFFERS or value.shape[axis] == cache.batch:
+            return fn(value, axis)
+        if shared is None:
+            raise ConfigError(f"this cache's rows share key/value buffers ({cache.batch} rows, "
+                              f"{value.shape[axis]} buffers; `branch_rows`): its rows cannot be repeated")
+        return shared(value)
 
-    return dataclasses.replace(cache, **{name: one(getattr(cache, name), axis)
+    return dataclasses.replace(cache, **{name: one(name, getattr(cache, name), axis)
                                          for name, axis in type(cache).ROW_AXES.items()})
 
 
 def repeat_rows(cache, n: int):
     """Each row of `cache` repeated `n` times in place (row i becomes rows i*n .. i*n+n-1).
 
+    Every copy gets its own buffers; `branch_rows` shares them instead.
+
     Example:
-        >>> # beams_cache = repeat_rows(prompt_cache, num_beams)
+        >>> # rows_cache = repeat_rows(prompt_cache, questions_per_prompt)
     """
     return _map_rows(cache, lambda x, axis: jnp.repeat(x, n, axis=axis))
 
@@ -145,10 +171,44 @@ def repeat_rows(cache, n: int):
 def gather_rows(cache, rows_R):
     """The cache of rows `rows_R` (R,) of `cache` (any order, repeats allowed).
 
+    Where rows share buffers (`branch_rows`), only their positions move, so row i may
+    only take a row of its own group (i // n * n .. i // n * n + n - 1), as a beam takes
+    its parent among the beams of its prompt; the buffers are left as they are.
+
     Example:
         >>> # cache = gather_rows(cache, parent_R)   # beams follow their parents
     """
-    return _map_rows(cache, lambda x, axis: jnp.take(x, rows_R, axis=axis))
+    return _map_rows(cache, lambda x, axis: jnp.take(x, rows_R, axis=axis), shared=lambda x: x)
+
+
+def branch_rows(cache, n: int):
+    """Each row of `cache` becomes n rows (row i: rows i*n .. i*n+n-1) that share its buffers.
+
+    The n rows all see row i's slots, and from now on each sees only its own new tokens:
+    every call writes the n rows' tokens to n distinct runs of slots of the shared buffer,
+    so the cache needs room for n times the tokens that follow. An encoder-decoder's
+    source is shared the same way. Nothing is copied but the (B, S) positions; reading
+    the shared slots once for n rows is what makes beam search cheap (`decoding.beam`).
+
+    Example:
+        >>> from makemost_jax.models.config import from_hf_config
+        >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
+        ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
+        >>> beams = branch_rows(init_cache(cfg, batch=3, size=16), 4)
+        >>> beams.batch, beams.k.shape[1], beams.rows_per_buffer
+        (12, 3, 4)
+    """
+    def share(c):
+        if c is None:
+            return None
+        per_row = {name: jnp.repeat(getattr(c, name), n, axis=axis) for name, axis in type(c).ROW_AXES.items()
+                   if axis is not None and name not in type(c).BUFFERS}
+        nested = {name: share(getattr(c, name)) for name, axis in type(c).ROW_AXES.items() if axis is None}
+        return dataclasses.replace(c, **per_row, **nested)
+
+    if cache.rows_per_buffer != 1:
+        raise ConfigError("branch_rows takes a cache whose rows have their own buffers")
+    return share(cache)
 
 
 def extend_slots(cache: KVCache, n: int) -> KVCache:

@@ -368,17 +368,18 @@ def relative_bias(cfg: ModelConfig, table_NH, query_positions_BT, key_positions_
     return jnp.moveaxis(table_NH[buckets_BTS], -1, 1)
 
 
-def write_slots(buffer, new, slots_T, axis: int = 1):
-    """`new` written into `buffer` at slots `slots_T` (consecutive modulo the size) of `axis`.
+def write_slots(buffer, new, start, axis: int = 1, wrap: bool = False):
+    """`new` written into `buffer` at slots start, start + 1, ... of `axis` (modulo its size if `wrap`).
 
     Example:
-        >>> write_slots(jnp.zeros((1, 3, 1, 1)), jnp.ones((1, 2, 1, 1)), jnp.array([2, 0]))[0, :, 0, 0].tolist()
+        >>> write_slots(jnp.zeros((1, 3, 1, 1)), jnp.ones((1, 2, 1, 1)), 2, wrap=True)[0, :, 0, 0].tolist()
         [1.0, 0.0, 1.0]
     """
     new = new.astype(buffer.dtype)
-    if new.shape[axis] == 1:  # one decode step: a cheap in-place update
-        return jax.lax.dynamic_update_slice_in_dim(buffer, new, slots_T[0], axis)
-    index = (slice(None),) * axis + (slots_T,)
+    width, size = new.shape[axis], buffer.shape[axis]
+    if not wrap or width == 1:  # consecutive slots: a cheap in-place update
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, start % size if wrap else start, axis)
+    index = (slice(None),) * axis + ((start + jnp.arange(width)) % size,)
     return buffer.at[index].set(new, unique_indices=True)
 
 
@@ -399,6 +400,9 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     (and the cache's). They may come in parts, a tuple of (B, G, S_i, K) arrays each (a
     cache and the new tokens' own): one softmax runs over all S = sum S_i keys, in the
     parts' order, without joining them into one buffer (which would copy the cache).
+    A part with fewer rows than the queries, (B / n, G, S_i, K), is shared: each of its
+    rows serves n consecutive query rows (a beam search's prompts and tree of generated
+    tokens, `models.cache.branch_rows`), so it is read once for all n of them.
     `attend_BTS` is a boolean mask over those S keys; None means plain causal attention
     over the queries' own keys (S == T), where a fused kernel can be used.
 
@@ -418,6 +422,10 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
         >>> cache = jnp.ones((1, 2, 5, 8)); mask = jnp.ones((1, 3, 8), bool)
         >>> attention(q, (cache, kv), (cache, kv), mask, 8 ** -0.5).shape   # 5 cached + 3 own keys
         (1, 3, 4, 8)
+        >>> q2 = jnp.ones((2, 3, 4, 8))    # two query rows sharing the one-row cache
+        >>> attention(q2, (cache, jnp.ones((2, 2, 3, 8))), (cache, jnp.ones((2, 2, 3, 8))),
+        ...           jnp.ones((2, 3, 8), bool), 8 ** -0.5).shape
+        (2, 3, 4, 8)
     """
     keys = k_BGSK if isinstance(k_BGSK, tuple) else (k_BGSK,)
     values = v_BGSK if isinstance(v_BGSK, tuple) else (v_BGSK,)
@@ -435,9 +443,8 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
     q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
 
-    scores_BGRTS = jnp.concatenate([jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_part.astype(q_BTHK.dtype),
-                                               preferred_element_type=wide) for k_part in keys],
-                                   axis=-1).reshape(b, g, r, t, -1) * scale
+    scores_BGRTS = jnp.concatenate([_part_product("bgqk,bgsk->bgqs", q_BGQK, k_part.astype(q_BTHK.dtype), wide)
+                                    for k_part in keys], axis=-1).reshape(b, g, r, t, -1) * scale
     if bias_BHTS is not None:
         scores_BGRTS = scores_BGRTS + bias_BHTS.reshape(bias_BHTS.shape[0], g, r, t, -1).astype(wide)
     if softcap is not None:
@@ -452,8 +459,7 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     for v_part in values:
         width = v_part.shape[2]
         w_BGQS = weights_BGQS[..., start:start + width].astype(q_BTHK.dtype)
-        num_BGQK = num_BGQK + jnp.einsum("bgqs,bgsk->bgqk", w_BGQS, v_part.astype(q_BTHK.dtype),
-                                         preferred_element_type=wide)
+        num_BGQK = num_BGQK + _part_product("bgqs,bgsk->bgqk", w_BGQS, v_part.astype(q_BTHK.dtype), wide)
         start += width
     num_BGRTK = num_BGQK.reshape(b, g, r, t, k)
     den_BGRT1 = weights_BGQS.sum(axis=-1).reshape(b, g, r, t, 1)
@@ -462,6 +468,21 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
         out_BGRTK = _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, *extra, scale,
                                      softcap)
     return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(q_BTHK.dtype)
+
+
+def _part_product(spec: str, x_BGQX, part_BGSK, wide):
+    """`einsum(spec, x, part)` per row; a shared part (fewer rows) serves consecutive groups of rows.
+
+    The n rows that share a part row are folded into the query axis, so the part is
+    read once for all of them (one matmul with n times the rows).
+    """
+    b, u = x_BGQX.shape[0], part_BGSK.shape[0]  # u = B / n part rows
+    if u == b:
+        return jnp.einsum(spec, x_BGQX, part_BGSK, preferred_element_type=wide)
+    n, (_, g, q, x) = b // u, x_BGQX.shape
+    x_UGQX = x_BGQX.reshape(u, n, g, q, x).transpose(0, 2, 1, 3, 4).reshape(u, g, n * q, x)
+    y_UGQY = jnp.einsum(spec, x_UGQX, part_BGSK, preferred_element_type=wide)
+    return y_UGQY.reshape(u, g, n, q, -1).transpose(0, 2, 1, 3, 4).reshape(b, g, q, -1)
 
 
 def _mix_extra_slots(out_BGRTK, num_BGRTK, den_BGRT1, shift_BGRT1, q_BGQK, k_BMGK, v_BMGK, gate_H, scale,

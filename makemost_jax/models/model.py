@@ -296,20 +296,30 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache, write_cache: bool = True):
     if cache is not None:
         if cache.batch != tokens_BT.shape[0]:
             raise InputError(f"cache has batch {cache.batch} but tokens have batch {tokens_BT.shape[0]}")
-        want = (cfg.n_layers, cache.batch, cfg.n_kv_heads, cache.positions.shape[1], cfg.head_dim)
-        if cache.k.shape != want or cache.v.shape != want:
+        buffers = cache.k.shape[1]
+        want = (cfg.n_layers, buffers, cfg.n_kv_heads, cache.positions.shape[1], cfg.head_dim)
+        if cache.k.shape != want or cache.v.shape != want or cache.batch % buffers:
             raise InputError(f"cache keys/values have shapes {cache.k.shape} and {cache.v.shape}; this model and "
-                             f"cache need (layers, batch, kv_heads, slots, head_dim) = {want}, heads first: build "
-                             "caches with init_cache")
+                             f"cache need (layers, batch, kv_heads, slots, head_dim) = {want}, heads first, with "
+                             f"a batch that divides the {cache.batch} rows: build caches with init_cache "
+                             "(and branch_rows)")
         if not write_cache:  # only read: the new tokens need no room
             return
-        t, window = tokens_BT.shape[1], cfg.uniform_window
+        t = tokens_BT.shape[1] * cache.rows_per_buffer  # slots this call writes
         # A full cache keeps rolling only where every layer slides over one window that
         # the cache holds together with this call's tokens.
-        rolls = window is not None and cache.size >= window + t - 1
+        rolls = _rolls(cfg, cache) and cache.size >= cfg.uniform_window + t - 1
         if t > cache.size or (not rolls and _concrete(cache.fill) and int(cache.fill) + t > cache.size):
-            raise InputError(f"{t} new tokens do not fit in the cache ({cache.size} slots); allocate a "
+            raise InputError(f"{t} new tokens' slots do not fit in the cache ({cache.size} slots); allocate a "
                              "larger cache with init_cache (models.cache.cache_size says how many)")
+
+
+def _rolls(cfg: ModelConfig, cache: KVCache) -> bool:
+    """Whether writes wrap around `cache`: a rolling buffer, only where every layer slides over one window.
+
+    A cache whose rows share buffers (`branch_rows`) never rolls.
+    """
+    return cfg.uniform_window is not None and cache.rows_per_buffer == 1
 
 
 def _check_extra_kv(cfg: ModelConfig, extra_kv, batch: int):
@@ -445,6 +455,10 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     Gates of 0 leave the model exactly unchanged; the recurrence memory
     (`makemost_jax.recurrence`) enters this way, with gates that start at 0.
 
+    A cache whose rows share buffers (`models.cache.branch_rows`, a beam search's K beams
+    of one prompt) takes each call's tokens of its n rows into n runs of slots, one per row,
+    and each row sees only the slots its positions mark.
+
     `write_cache=False` only reads `cache`: every cached slot stays visible (none is
     overwritten, so no room is needed for the input), and the returned cache holds the
     input's own keys/values (T slots) for the caller to place (HSO appends them itself).
@@ -504,10 +518,14 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
             ctx = attention_context(positions_BT, attend_BTT, new_positions_BT)
         else:
             # Keys: the cache's slots (those this call overwrites hidden), then the input's own.
+            # Rows that share buffers write to n runs of T slots, row i % n to the i-th run.
+            n = cache.rows_per_buffer
             cached_BS = cache.positions
             if write_cache:
-                slots_T = (cache.fill + jnp.arange(t, dtype=jnp.int32)) % cache.size
-                cached_BS = cached_BS.at[:, slots_T].set(-1)
+                rolls = _rolls(cfg, cache)
+                slots_W = cache.fill + jnp.arange(n * t, dtype=jnp.int32)
+                slots_W = slots_W % cache.size if rolls else slots_W
+                cached_BS = cached_BS.at[:, slots_W].set(-1)
             key_positions_BS = jnp.concatenate([cached_BS, new_positions_BT], axis=1)
             attend_BTS = (key_positions_BS[:, None, :] >= 0) & (key_positions_BS[:, None, :] <= positions_BT[:, :, None])
             ctx = attention_context(positions_BT, attend_BTS, key_positions_BS)
@@ -519,9 +537,15 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         if fresh or not write_cache:  # a cache of the input's own T slots
             k, v, key_positions_BS, fill = k_LBGTK, v_LBGTK, new_positions_BT, jnp.int32(t)
         else:  # one write of every layer's new keys into the cache
-            k, v = (write_slots(old, new, slots_T, axis=KVCache.SLOT_AXES["k"])
+            def runs(x_LBGTK):  # (L, B/n, G, n*T, K): the n rows' tokens one run after the other
+                l, _, g, _, d = x_LBGTK.shape
+                return x_LBGTK.reshape(l, b // n, n, g, t, d).transpose(0, 1, 3, 2, 4, 5).reshape(l, b // n, g, n * t, d)
+
+            k, v = (write_slots(old, runs(new), cache.fill, KVCache.SLOT_AXES["k"], rolls)
                     for old, new in ((cache.k, k_LBGTK), (cache.v, v_LBGTK)))
-            key_positions_BS, fill = cache.positions.at[:, slots_T].set(new_positions_BT), cache.fill + t
+            own_BNT = jnp.arange(n)[None, :, None] == (jnp.arange(b) % n)[:, None, None]
+            new_BW = jnp.where(own_BNT, new_positions_BT[:, None, :], -1).reshape(b, n * t)
+            key_positions_BS, fill = cache.positions.at[:, slots_W].set(new_BW), cache.fill + n * t
         new_cache = KVCache(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), positions=key_positions_BS,
                             fill=fill, next_position=cache.next_position + mask_BT.sum(1, dtype=jnp.int32),
                             source=source)
