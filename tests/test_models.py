@@ -120,6 +120,10 @@ def test_rows_sharing_buffers_equal_rows_with_their_own(hf, family):
     assert int(shared.fill) == 7 + n * calls * width and shared.k.shape[1] == 2
     with pytest.raises(Exception, match="share key/value buffers"):
         repeat_rows(shared, 2)
+    with pytest.raises(InputError, match=r"rows\[3\] = 2 is outside row 3's group of 3 rows"):
+        gather_rows(shared, np.array([0, 1, 2, 2, 4, 5]))  # row 3 would read the other prompt's buffer
+    with pytest.raises(InputError, match="keeps its 6 rows"):
+        gather_rows(shared, np.array([0, 1, 2]))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

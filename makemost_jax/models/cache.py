@@ -46,8 +46,9 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from makemost_jax.errors import ConfigError
+from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.config import ModelConfig
 
 # Logical axes of `KVCache.k` / `.v` (sharding rules and every method's slot axis read them here).
@@ -139,22 +140,22 @@ def cache_size(config: ModelConfig, prompt_length: int, total_length: int) -> in
     return min(total_length, max(prompt_length, window))
 
 
-def _map_rows(cache, fn, shared=None):
-    """`fn(field, axis)` on every field with a batch axis; `shared(field)` on buffers that rows share."""
+def _map_rows(cache, rows, buffers):
+    """`rows(field, axis)` on every per-row field and `buffers(field, axis, batch)` on the key/value
+    buffers (which `branch_rows` may share), nested pytrees like the encoded source included."""
     def one(name, value, axis):
         if value is None:
             return None
         if axis is None:
-            return _map_rows(value, fn, shared)
-        if name not in type(cache).BUFFERS or value.shape[axis] == cache.batch:
-            return fn(value, axis)
-        if shared is None:
-            raise ConfigError(f"this cache's rows share key/value buffers ({cache.batch} rows, "
-                              f"{value.shape[axis]} buffers; `branch_rows`): its rows cannot be repeated")
-        return shared(value)
+            return _map_rows(value, rows, buffers)
+        return buffers(value, axis, cache.batch) if name in type(cache).BUFFERS else rows(value, axis)
 
     return dataclasses.replace(cache, **{name: one(name, getattr(cache, name), axis)
                                          for name, axis in type(cache).ROW_AXES.items()})
+
+
+def _shared(buffer, axis: int, batch: int) -> bool:
+    return buffer.shape[axis] != batch
 
 
 def repeat_rows(cache, n: int):
@@ -165,7 +166,13 @@ def repeat_rows(cache, n: int):
     Example:
         >>> # rows_cache = repeat_rows(prompt_cache, questions_per_prompt)
     """
-    return _map_rows(cache, lambda x, axis: jnp.repeat(x, n, axis=axis))
+    def repeat(x, axis, batch=None):
+        if batch is not None and _shared(x, axis, batch):
+            raise ConfigError(f"this cache's rows share key/value buffers ({batch} rows, {x.shape[axis]} "
+                              "buffers; `branch_rows`): its rows cannot be repeated")
+        return jnp.repeat(x, n, axis=axis)
+
+    return _map_rows(cache, repeat, repeat)
 
 
 def gather_rows(cache, rows_R):
@@ -178,7 +185,25 @@ def gather_rows(cache, rows_R):
     Example:
         >>> # cache = gather_rows(cache, parent_R)   # beams follow their parents
     """
-    return _map_rows(cache, lambda x, axis: jnp.take(x, rows_R, axis=axis), shared=lambda x: x)
+    def take(x, axis):
+        return jnp.take(x, rows_R, axis=axis)
+
+    def buffers(x, axis, batch):
+        if not _shared(x, axis, batch):
+            return take(x, axis)
+        n = batch // x.shape[axis]
+        if jnp.shape(rows_R) != (batch,):
+            raise InputError(f"rows has shape {jnp.shape(rows_R)}; a cache whose rows share buffers "
+                             f"(`branch_rows`) keeps its {batch} rows: give one source row per row")
+        if not isinstance(rows_R, jax.core.Tracer):
+            wrong = np.flatnonzero(np.asarray(rows_R) // n != np.arange(batch) // n)
+            if wrong.size:
+                raise InputError(f"rows[{wrong[0]}] = {int(np.asarray(rows_R)[wrong[0]])} is outside row "
+                                 f"{wrong[0]}'s group of {n} rows that share a buffer (`branch_rows`); "
+                                 "take rows only within the group")
+        return x
+
+    return _map_rows(cache, take, buffers)
 
 
 def branch_rows(cache, n: int):
@@ -198,17 +223,12 @@ def branch_rows(cache, n: int):
         >>> beams.batch, beams.k.shape[1], beams.rows_per_buffer
         (12, 3, 4)
     """
-    def share(c):
-        if c is None:
-            return None
-        per_row = {name: jnp.repeat(getattr(c, name), n, axis=axis) for name, axis in type(c).ROW_AXES.items()
-                   if axis is not None and name not in type(c).BUFFERS}
-        nested = {name: share(getattr(c, name)) for name, axis in type(c).ROW_AXES.items() if axis is None}
-        return dataclasses.replace(c, **per_row, **nested)
+    def keep(x, axis, batch):
+        if _shared(x, axis, batch):
+            raise ConfigError("branch_rows takes a cache whose rows have their own buffers")
+        return x
 
-    if cache.rows_per_buffer != 1:
-        raise ConfigError("branch_rows takes a cache whose rows have their own buffers")
-    return share(cache)
+    return _map_rows(cache, lambda x, axis: jnp.repeat(x, n, axis=axis), keep)
 
 
 def extend_slots(cache: KVCache, n: int) -> KVCache:
