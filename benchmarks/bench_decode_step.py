@@ -9,10 +9,14 @@ script times, in one process on the same random GPT-2-small weights (float32, th
    after every call;
 2. the step's matrix multiplications alone (per layer: QKV, attention output, MLP up and down; then the
    vocabulary projection), each as a plain `a @ b` in both frameworks;
-3. JAX's attention of one query over every layer's cache in three layouts: the stacked (L, B, S, H, K) the
-   cache had until 2026-12-06, today's stacked heads-first (L, B, H, S, K) under the layer scan, and one
-   heads-first buffer per layer (which would need the layer loop unrolled; on XLA's CPU backend the unrolled
-   model, with its weights sliced per layer, ran slower than the scan).
+3. JAX's attention of one query over every layer's cache in four layouts: the stacked (L, B, S, H, K) the
+   cache had until 2026-12-06, the heads-first (L, B, H, S, K) it had until 2026-12-07, today's heads-first
+   values with the keys' slots last, (L, B, H, K, S), all three under the layer scan, and one heads-first
+   buffer per layer (which would need the layer loop unrolled; on XLA's CPU backend the unrolled model, with
+   its weights sliced per layer, ran slower than the scan: each layer's slice is copied out either way);
+4. the score product q @ k alone over a beam search's shared buffer (8 prompts x 8 beams, one query per
+   beam, 32 + 8 x 63 = 536 slots at the last of 64 steps), with the keys' slots before the head dimension
+   (q @ k^T) and after it (q @ k, today's).
 
 The difference between 1 and 2 is everything else (attention over the cache, layer norms, the cache
 write, dispatch). If JAX's matmuls are no faster than PyTorch's, a beam search can beat `generate` only
@@ -104,28 +108,31 @@ def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
 
 
 def attention_layouts(hf_config, rows: int, repeats: int) -> dict:
-    """ms of one query's attention over every layer's cached keys/values (CACHED + 48 slots), by cache layout.
+    """ms of one query's attention over every layer's cached keys/values (SLOTS slots), by cache layout.
 
-    `stacked (L, B, S, H, K), scan` is the cache's former layout: each layer's slice was cut out of the stacked
-    cache and turned heads-first for the batched matmuls. `stacked (L, B, H, S, K), scan` is today's (the
-    slice is still copied out, but not transposed); one heads-first buffer per layer copies nothing.
+    `stacked (L, B, S, H, K), scan` is the cache's first layout: each layer's slice was cut out of the stacked
+    cache and turned heads-first for the batched matmuls. `stacked (L, B, H, S, K), scan` was its second (the
+    slice is still copied out, but not transposed); today's keeps the keys' slots last, so q @ k is a plain
+    matmul. One heads-first buffer per layer copies nothing.
     """
     layers, heads = hf_config.n_layer, hf_config.n_head
     width = hf_config.n_embd // heads
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((rows, heads, 1, width), np.float32))
-    k_lbshk = jnp.asarray(rng.standard_normal((layers, rows, SLOTS, heads, width), np.float32))
-    k_lbhsk = k_lbshk.transpose(0, 1, 3, 2, 4)
+    v_lbshk = jnp.asarray(rng.standard_normal((layers, rows, SLOTS, heads, width), np.float32))
+    v_lbhsk = v_lbshk.transpose(0, 1, 3, 2, 4)
+    keys = {"slots first": 0.5 * v_lbshk, "heads first": 0.5 * v_lbhsk,
+            "slots last": (0.5 * v_lbhsk).swapaxes(3, 4)}  # keys (L, B, H, K, S)
 
-    def attend(q, k_bhsk, v_bhsk):
-        w = jax.nn.softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k_bhsk), axis=-1)
+    def attend(q, k_bhsk, v_bhsk, spec="bhqk,bhsk->bhqs"):
+        w = jax.nn.softmax(jnp.einsum(spec, q, k_bhsk), axis=-1)
         return jnp.einsum("bhqs,bhsk->bhqk", w, v_bhsk)
 
-    def scanned(heads_first: bool):
+    def scanned(layout: str):
         def run(q, k, v):
             def layer(x, kv):
-                k_, v_ = kv if heads_first else (a.transpose(0, 2, 1, 3) for a in kv)
-                return attend(x, k_, v_), None
+                k_, v_ = kv if layout != "slots first" else (a.transpose(0, 2, 1, 3) for a in kv)
+                return attend(x, k_, v_, "bhqk,bhks->bhqs" if layout == "slots last" else "bhqk,bhsk->bhqs"), None
             return jax.lax.scan(layer, q, (k, v))[0]
         return jax.jit(run)
 
@@ -135,14 +142,33 @@ def attention_layouts(hf_config, rows: int, repeats: int) -> dict:
             q = attend(q, k_, v_)
         return q
 
-    runs = {"stacked (L, B, S, H, K), scan": (scanned(False), k_lbshk),
-            "stacked (L, B, H, S, K), scan": (scanned(True), k_lbhsk),
-            "one (B, H, S, K) buffer per layer": (per_layer, tuple(k_lbhsk))}
-    out = {}
-    for name, (fn, k) in runs.items():
-        v = jax.tree.map(lambda a: 0.5 * a, k)
-        out[name] = median_ms(lambda fn=fn, k=k, v=v: fn(q, k, v).block_until_ready(), repeats)
-    return out
+    runs = {"stacked (L, B, S, H, K), scan": (scanned("slots first"), keys["slots first"], v_lbshk),
+            "stacked (L, B, H, S, K), scan": (scanned("heads first"), keys["heads first"], v_lbhsk),
+            "keys (L, B, H, K, S), values (L, B, H, S, K), scan": (scanned("slots last"), keys["slots last"], v_lbhsk),
+            "one (B, H, S, K) buffer per layer": (per_layer, tuple(keys["heads first"]), tuple(v_lbhsk))}
+    return {name: median_ms(lambda fn=fn, k=k, v=v: fn(q, k, v).block_until_ready(), repeats)
+            for name, (fn, k, v) in runs.items()}
+
+
+def shared_scores(hf_config, repeats: int, prompts: int = 8, beams: int = 8, slots: int = 32 + 8 * 63) -> dict:
+    """ms of q @ k over every layer of a beam search's shared buffer (`branch_rows`), by the keys' layout.
+
+    The beams of a prompt are folded into the query axis (`layers.attention`): one (beams, K) @ (K, S) matmul
+    per prompt and head. Keys (S, K) make it q @ k^T; keys (K, S), today's layout, a plain q @ k.
+    """
+    layers, heads = hf_config.n_layer, hf_config.n_head
+    width = hf_config.n_embd // heads
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((layers, prompts, heads, beams, width), np.float32))
+    k_sk = jnp.asarray(rng.standard_normal((layers, prompts, heads, slots, width), np.float32))
+
+    def scanned(spec):
+        return jax.jit(lambda q, k: jax.lax.scan(lambda c, x: (c, jnp.einsum(spec, *x)), 0, (q, k))[1])
+
+    runs = {"keys (S, K): q @ k^T": (scanned("ughk,ugsk->ughs"), k_sk),
+            "keys (K, S): q @ k": (scanned("ughk,ugks->ughs"), k_sk.swapaxes(3, 4) + 0)}
+    return {name: median_ms(lambda fn=fn, k=k: fn(q, k).block_until_ready(), repeats)
+            for name, (fn, k) in runs.items()}
 
 
 def bench(rows: int, model, params, hf_config, repeats: int) -> dict:
@@ -156,7 +182,7 @@ def bench(rows: int, model, params, hf_config, repeats: int) -> dict:
             "matmul_speedup_vs_torch": matmul_ms["torch"] / matmul_ms["jax"], "matmuls": mats}
 
 
-def markdown(rows: list[dict], info: dict) -> str:
+def markdown(rows: list[dict], shared: dict, info: dict) -> str:
     lines = ["# Where a beam step's time goes: the one-token decode step, JAX vs PyTorch (decode_step)", "",
              machine_line(info), "", f"Command: `{command_line()}`", "",
              (f"GPT-2 small, random weights shared by both frameworks, float32; one token per row after {CACHED} "
@@ -177,9 +203,13 @@ def markdown(rows: list[dict], info: dict) -> str:
                          f"{m['ms']['torch']:.3f} ({m['gflop_per_s']['torch']:.0f}) |")
     names = list(rows[0]["attention_ms"])
     lines += ["", (f"Attention of one query over every layer's {SLOTS} cached slots, JAX only, by the layout of the cache "
-                   "(ms for all layers; the second is what `forward` runs today, the first what it ran before 2026-12-06):"), "",
+                   "(ms for all layers; the third is what `forward` runs today, the first what it ran before "
+                   "2026-12-06, the second before 2026-12-07):"), "",
               "| rows | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {r['rows']} | " + " | ".join(f"{r['attention_ms'][n]:.1f}" for n in names) + " |" for r in rows]
+    lines += ["", ("The score product q @ k over every layer of a beam search's shared buffer (8 prompts x 8 beams, "
+                   "536 slots), JAX only, by the keys' layout (ms for all layers): "
+                   + ", ".join(f"{name} {ms:.1f}" for name, ms in shared.items()) + ".")]
     big = max(rows, key=lambda r: r["rows"])
     lines += ["", (f"At {big['rows']} rows the matmuls are {100 * big['matmul_ms']['jax'] / big['step_ms']['jax']:.0f}% "
                    f"of JAX's step and {100 * big['matmul_ms']['torch'] / big['step_ms']['torch']:.0f}% of "
@@ -208,6 +238,7 @@ def main(argv=None):
     tensors = {k: t.float().numpy() for k, t in model.state_dict().items()}
     params = params_from_hf(from_hf_config(hf_config.to_dict(), tensors), tensors)
     rows = [bench(int(r), model, params, hf_config, args.repeats) for r in args.rows.split(",")]
+    shared = shared_scores(hf_config, args.repeats)
     for r in rows:
         print(f"rows {r['rows']}: step JAX {r['step_ms']['jax']:.1f} ms, PyTorch {r['step_ms']['torch']:.1f} ms; "
               f"matmuls JAX {r['matmul_ms']['jax']:.1f}, PyTorch {r['matmul_ms']['torch']:.1f}", flush=True)
@@ -219,9 +250,10 @@ def main(argv=None):
               for r in rows]
     kwargs = {} if args.out_dir is None else {"out_dir": args.out_dir}
     path = write_results(f"decode_step_{tag}", {"model": "gpt2-small (random weights)", "cached": CACHED,
-                                                "slots": SLOTS, "torch_threads": torch.get_num_threads(), "rows": rows},
-                         markdown(rows, info), report=report, **kwargs)
-    print(markdown(rows, info))
+                                                "slots": SLOTS, "torch_threads": torch.get_num_threads(), "rows": rows,
+                                                "shared_scores_ms": shared},
+                         markdown(rows, shared, info), report=report, **kwargs)
+    print(markdown(rows, shared, info))
     print(f"-> {path}")
 
 

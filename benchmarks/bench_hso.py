@@ -53,6 +53,7 @@ from makemost_jax.assets import read_sample
 from makemost_jax.hso import HSOConfig, HSOState, Segments, hso_nll, lm_segments, run_segments, segment_nll
 from makemost_jax.hso.lm import hso_segment_step, init_state
 from makemost_jax.models import from_hf_config, params_from_hf
+from makemost_jax.models.cache import KVCache
 from makemost_jax.recurrence.evaluate import compiled_stats
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -81,10 +82,10 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
     positions = np.broadcast_to(cache + np.arange(segment), (batch, segment))  # GPT-2: after the cached tokens
     args_t = (torch.as_tensor(inputs), torch.as_tensor(targets), torch.as_tensor(positions.copy()))
 
-    def to_jax(per_layer):  # L x (B, H, C, K) -> (L, B, H, C, K), the cache's heads-first layout
-        return jnp.asarray(np.stack([t.numpy() for t in per_layer]))
+    def to_jax(per_layer, name):  # L x (B, H, C, K) -> laid out as the cache keeps it (keys: slots last)
+        return jnp.moveaxis(jnp.asarray(np.stack([t.numpy() for t in per_layer])), 3, KVCache.SLOT_AXES[name])
 
-    kv = (to_jax(state_t.keys), to_jax(state_t.values))
+    kv = (to_jax(state_t.keys, "k"), to_jax(state_t.values, "v"))
     state = HSOState(past=kv, base=None, positions=jnp.broadcast_to(jnp.arange(cache, dtype=jnp.int32), (batch, cache)),
                      fill=jnp.int32(cache),
                      next_position=jnp.full((batch,), cache, jnp.int32), adam=None)
@@ -102,7 +103,8 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
     (loss_j, grads_j), (loss_t, grads_t) = run_jax(), run_torch()  # warm-up, and a parity check
     grad_t = np.stack([g.numpy() for g in grads_t[:len(grads_t) // 2]])
     grad_scale = float(np.abs(grad_t).max())
-    grad_diff = float(np.abs(np.asarray(grads_j[0]) - grad_t).max()) / grad_scale
+    grad_j = np.moveaxis(np.asarray(grads_j[0]), KVCache.SLOT_AXES["k"], 3)  # as PyTorch's (L, B, H, C, K)
+    grad_diff = float(np.abs(grad_j - grad_t).max()) / grad_scale
     jax_times, torch_times = [], []
     for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
         jax_times.append(timed(run_jax)[0])

@@ -375,7 +375,7 @@ def cache_shardings(cache, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAUL
         return NamedSharding(mesh, partition_spec(axes, x.shape, mesh, rules))
 
     return dataclasses.replace(
-        cache, k=spec(KV_AXES, cache.k), v=spec(KV_AXES, cache.v),
+        cache, k=spec(KV_AXES["k"], cache.k), v=spec(KV_AXES["v"], cache.v),
         positions=spec(("batch", "cache_slots"), cache.positions), fill=replicated(mesh),
         next_position=spec(("batch",), cache.next_position))
 

@@ -106,8 +106,8 @@ def test_hso_step_updates_the_cache_and_lr0_is_plain_scoring(family):
     assert np.all(np.isfinite(nll1)) and np.all(np.isfinite(nll0))
     # Segment 1 is scored before its update, so the NLLs agree; the update then moves segment 0's states.
     np.testing.assert_allclose(nll1, nll0, atol=1e-5)
-    moved = float(jnp.abs(state1.past[0][:, :, :, :segment] - state0.past[0][:, :, :, :segment]).max())
-    assert moved > 1e-4, "the HSO update left the cached keys unchanged"
+    moved = float(jnp.abs(state1.past[1][:, :, :, :segment] - state0.past[1][:, :, :, :segment]).max())
+    assert moved > 1e-4, "the HSO update left the cached values unchanged"
     # lr=0 leaves the cache exact: each segment's NLL is the plain forward's over the whole text.
     logits = jax.jit(_logits)(params, {"tokens": TOKENS})[:2, :stream.shape[1] - 1]  # causal: a prefix's logits
     nll_BN = -np.asarray(mm.token_logprobs(logits, stream[:, 1:]))

@@ -102,17 +102,21 @@ def _reference_loop(params, tokens_N, segment, cache_size, lr, beta1=0.9, beta2=
 
     def run(kv_k, kv_v, x, y, w, start):
         p = kv_k.shape[1]
-        def as_cache(x_LPGH):  # (L, 1, G, P + segment, H): one row, heads first, room for the segment
-            return jnp.pad(x_LPGH.transpose(0, 2, 1, 3)[:, None], ((0, 0), (0, 0), (0, 0), (0, segment), (0, 0)))
+        def as_cache(x_LPGH, name):  # one row with room for the segment, laid out as the cache keeps it
+            axis = KVCache.SLOT_AXES[name]
+            widths = [(0, 0)] * 5
+            widths[axis] = (0, segment)
+            return jnp.pad(jnp.moveaxis(x_LPGH[:, None], 2, axis), widths)
 
-        cache = KVCache(k=as_cache(kv_k), v=as_cache(kv_v),
+        cache = KVCache(k=as_cache(kv_k, "k"), v=as_cache(kv_v, "v"),
                         positions=jnp.where(jnp.arange(p + segment) < p, jnp.arange(p + segment), -1)[None],
                         fill=jnp.int32(p),
                         next_position=jnp.zeros((1,), jnp.int32))
         out = mm.forward(params, x[None], cache=cache, positions=(start + jnp.arange(segment))[None])
         logp = jax.nn.log_softmax(out.logits[0], -1)
         nll = -jnp.sum(jnp.take_along_axis(logp, y[:, None], 1)[:, 0] * w)
-        return nll, tuple(kv[:, 0, :, p:].transpose(0, 2, 1, 3) for kv in (out.cache.k, out.cache.v))
+        return nll, tuple(jnp.moveaxis(getattr(out.cache, name)[:, 0], KVCache.SLOT_AXES[name] - 1, 1)[:, p:]
+                          for name in ("k", "v"))  # (L, segment, G, H) each
 
     for i in range(n_seg):
         x = jnp.asarray(padded[i * segment:(i + 1) * segment])
@@ -166,10 +170,10 @@ def test_scanned_loop_matches_python_reference_with_eviction(family, recompute, 
     for j, s in enumerate(slots):
         # float32 against float64 Adam: an element whose gradient is ~0 can move by a fraction of lr (3e-2)
         # differently; a misplaced or unevicted slot would be off by O(1)
-        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, :, j]), s["k"], rtol=1e-4, atol=5e-3)
+        np.testing.assert_allclose(np.asarray(state.past[0][:, 0, :, :, j]), s["k"], rtol=1e-4, atol=5e-3)
         np.testing.assert_allclose(np.asarray(state.past[1][:, 0, :, j]), s["v"], rtol=1e-4, atol=5e-3)
         # a second step's gradient is taken at those slightly different states: moments agree to a few %
-        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, :, j]), s["mk"], rtol=5e-2, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.adam.m[0][:, 0, :, :, j]), s["mk"], rtol=5e-2, atol=1e-5)
         np.testing.assert_allclose(np.asarray(state.adam.v[1][:, 0, :, j]), s["vv"], rtol=5e-2, atol=1e-8)
     # The 4 oldest survivors (segment 4) were updated while segment 5 was scored; segment 5's were not.
     assert np.asarray(state.adam.steps).tolist() == [s["t"] for s in slots] == [hso_steps] * 4 + [0] * 8
@@ -210,7 +214,7 @@ def test_sink_keeps_the_first_tokens_cached():
     _, _, state = run_segments(params, segments, hyper, cache_size=12, update=False, sink=2)
     _, _, first = run_segments(params, jax.tree.map(lambda x: x[:1], segments), hyper, cache_size=12,
                                update=False)
-    np.testing.assert_array_equal(np.asarray(state.past[0][:, :, :, :2]), np.asarray(first.past[0][:, :, :, :2]))
+    np.testing.assert_array_equal(np.asarray(state.past[0][..., :2]), np.asarray(first.past[0][..., :2]))
     assert int(state.fill) == 12 and bool(state.valid.all())
     _, _, updated = run_segments(params, segments, hyper, cache_size=12, sink=2)
     assert np.asarray(updated.adam.steps).tolist() == [4, 4] + [1] * 2 + [0] * 8  # sinks: 4 updates each

@@ -149,7 +149,8 @@ def test_reading_a_full_cache_without_writing_equals_the_full_forward(hf, family
     rest = mm.forward(params, TOKENS[:, 10:], cache=first.cache, write_cache=False)
     np.testing.assert_allclose(rest.logits, full.logits[:, 10:], atol=1e-5, rtol=0)
     assert rest.cache.size == TOKENS.shape[1] - 10 and int(rest.cache.fill) == TOKENS.shape[1] - 10
-    np.testing.assert_allclose(rest.cache.k, full.cache.k[:, :, :, 10:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rest.cache.k, full.cache.k[..., 10:], atol=1e-5, rtol=0)  # keys: slots last
+    np.testing.assert_allclose(rest.cache.v, full.cache.v[:, :, :, 10:], atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="do not fit in the cache"):
         mm.forward(params, TOKENS[:, 10:], cache=first.cache)  # writing needs the room
 
@@ -180,9 +181,9 @@ def test_gradient_with_respect_to_cache_matches_finite_differences(hf, family):
         return -mm.token_logprobs(logits, target[:, 1:]).sum()
 
     grad_k, grad_v = jax.grad(nll, argnums=(0, 1))(cache.k, cache.v)
-    assert float(jnp.abs(grad_k[:, :, :, :8]).max()) > 0 and float(jnp.abs(grad_k[:, :, :, 8:]).max()) == 0
+    assert float(jnp.abs(grad_k[..., :8]).max()) > 0 and float(jnp.abs(grad_k[..., 8:]).max()) == 0  # slots last
     for seed in range(3):  # directional derivatives along random directions
-        dk, dv = (jax.random.normal(jax.random.key(seed + i), cache.k.shape) for i in (0, 10))
+        dk, dv = (jax.random.normal(jax.random.key(seed + i), x.shape) for i, x in ((0, cache.k), (10, cache.v)))
         eps = 1e-2
         numeric = (nll(cache.k + eps * dk, cache.v + eps * dv)
                    - nll(cache.k - eps * dk, cache.v - eps * dv)) / (2 * eps)
@@ -281,10 +282,12 @@ def test_bad_inputs_raise_clear_errors(tiny_gpt2_dir):
         mm.forward(params, [1, 2, 3])
     with pytest.raises(InputError, match="do not fit"):
         mm.forward(params, TOKENS[:, :5], cache=mm.init_cache(params.config, 3, 4))
-    slots_first = mm.init_cache(params.config, 3, 8)  # a hand-built cache in the old (L, B, S, G, K) order
-    slots_first = dataclasses.replace(slots_first, k=slots_first.k.swapaxes(2, 3), v=slots_first.v.swapaxes(2, 3))
-    with pytest.raises(InputError, match=r"\(layers, batch, kv_heads, slots, head_dim\) = \(2, 3, 4, 8, 8\)"):
-        mm.forward(params, TOKENS[:, :1], cache=slots_first)
+    for name in ("k", "v"):  # hand-built caches in older orders: slots before heads, keys with slots first
+        cache = mm.init_cache(params.config, 3, 10)
+        cache = dataclasses.replace(cache, **{name: getattr(cache, name).swapaxes(2, 3 + (name == "k"))})
+        with pytest.raises(InputError, match=r"keys \('layers', 'batch', 'kv_heads', 'head_dim', 'cache_slots'\) = "
+                           r"\(2, 3, 4, 8, 10\) and values .* = \(2, 3, 4, 10, 8\)"):
+            mm.forward(params, TOKENS[:, :1], cache=cache)
     with pytest.raises(InputError, match="context"):
         mm.generate(params, [list(TOKENS[0])], max_new_tokens=60)
     with pytest.raises(InputError, match="context"):

@@ -145,22 +145,23 @@ def _expand(params: Params, cache: KVCache, pool, rows_E, tokens_E, chain_EA, le
     have_EA = chain_EA >= 0
     slot_EA = jnp.maximum(chain_EA, 0)
 
-    def place(buffer, pool_x):
-        ancestors_LEGAK = pool_x[:, slot_EA].transpose(0, 1, 3, 2, 4)  # heads first, as the cache
-        return buffer.at[:, :, :, start:start + a].set(jnp.where(have_EA[None, :, None, :, None], ancestors_LEGAK, 0))
+    def place(name, buffer, pool_x):  # the ancestors' (L, E, A, G, K) on the cache's slot axis
+        axis = KVCache.SLOT_AXES[name]
+        ancestors = jnp.moveaxis(jnp.where(have_EA[None, :, :, None, None], pool_x[:, slot_EA], 0), 2, axis)
+        return jax.lax.dynamic_update_slice_in_dim(buffer, ancestors.astype(buffer.dtype), start, axis)
 
     # Ancestor i (0-based) of a prefix of length d sits in column a - (d - 1) + i, at position prompt + i.
     prompt_E = rows.next_position
     index_EA = jnp.arange(a)[None] - (a - (lengths_E[:, None] - 1))
     positions = rows.positions.at[:, start:start + a].set(jnp.where(have_EA, prompt_E[:, None] + index_EA, -1))
-    rows = dataclasses.replace(rows, k=place(rows.k, pool_k), v=place(rows.v, pool_v), positions=positions,
+    rows = dataclasses.replace(rows, k=place("k", rows.k, pool_k), v=place("v", rows.v, pool_v), positions=positions,
                                fill=jnp.asarray(start + a, jnp.int32))
     out = forward(params, tokens_E[:, None], cache=rows, positions=(prompt_E + jnp.maximum(lengths_E - 1, 0))[:, None],
                   logits_at=0)
     # Padding rows write nowhere (an out-of-range slot is dropped).
     target_E = jnp.where(lengths_E > 0, slots_E, pool_k.shape[1])
-    pool = tuple(p.at[:, target_E].set(new[:, :, :, start + a], mode="drop")
-                 for p, new in ((pool_k, out.cache.k), (pool_v, out.cache.v)))
+    pool = tuple(p.at[:, target_E].set(jnp.take(new, start + a, axis=KVCache.SLOT_AXES[name]), mode="drop")
+                 for name, p, new in (("k", pool_k, out.cache.k), ("v", pool_v, out.cache.v)))
     logp_EV = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     ids_V = jnp.arange(logp_EV.shape[1])
     after_EV = (logp_EV < after_logp_E[:, None]) | (

@@ -6,7 +6,8 @@ own first/second moments and its own step count (for bias correction), and all o
 them move with the slot: `append_slots` writes new slots (moments and counts start at
 zero) after the `fill` slots already held and drops the oldest beyond the buffer size.
 
-Dimensions: S slots on `slot_axis` of every state array; N new slots.
+Dimensions: S slots on the slot axis of every state array (one axis for all, or one per
+array: a cache's keys keep their slots last, its values before the head dimension); N new slots.
 
 Example:
     >>> import jax.numpy as jnp
@@ -42,29 +43,39 @@ class SlotAdamState:
     m: object  # pytree like the optimised states: first moments
     v: object  # second moments
     steps: jax.Array  # (S,) int32: updates each slot has received
-    slot_axis: int = dataclasses.field(metadata={"static": True})
+    slot_axes: tuple = dataclasses.field(metadata={"static": True})  # per leaf of the states
 
 
-def init_slot_adam(states, slot_axis: int) -> SlotAdamState:
+def init_slot_adam(states, slot_axis) -> SlotAdamState:
     """Zero moments and step counts for `states` (any pytree with S slots on `slot_axis`).
+
+    `slot_axis` is one axis for every array of `states`, or a pytree of axes shaped like it.
 
     Example:
         >>> init_slot_adam(jnp.zeros((2, 5, 3)), slot_axis=1).steps.shape
         (5,)
+        >>> init_slot_adam((jnp.zeros((2, 5)), jnp.zeros((5, 2))), slot_axis=(1, 0)).slot_axes
+        (1, 0)
     """
-    size = jax.tree.leaves(states)[0].shape[slot_axis]
+    leaves = jax.tree.leaves(states)
+    axes = (slot_axis,) * len(leaves) if isinstance(slot_axis, int) else tuple(jax.tree.leaves(slot_axis))
+    if len(axes) != len(leaves) or len({x.shape[a] for x, a in zip(leaves, axes)}) != 1:
+        raise ValueError(f"slot_axis={slot_axis} must give one slot axis of the same size for every array")
+
     def zeros(x):
         return jnp.zeros(x.shape, jnp.float32)  # moments stay float32 under bfloat16 states
 
     return SlotAdamState(m=jax.tree.map(zeros, states), v=jax.tree.map(zeros, states),
-                         steps=jnp.zeros((size,), jnp.int32), slot_axis=slot_axis)
+                         steps=jnp.zeros((leaves[0].shape[axes[0]],), jnp.int32), slot_axes=axes)
+
+
+def _with_slots(shape, slot_axis: int, slots: int) -> tuple:
+    return (*shape[:slot_axis], slots, *shape[slot_axis + 1:])
 
 
 def _along_slots(per_slot_S, like, slot_axis: int):
     """Broadcast a (S,) vector against an array whose slot axis is `slot_axis`."""
-    shape = [1] * like.ndim
-    shape[slot_axis] = per_slot_S.shape[0]
-    return per_slot_S.reshape(shape)
+    return per_slot_S.reshape(_with_slots((1,) * like.ndim, slot_axis, per_slot_S.shape[0]))
 
 
 def slot_adam_step(states, grads, opt: SlotAdamState, fill, hyper: AdamHyper):
@@ -86,19 +97,19 @@ def slot_adam_step(states, grads, opt: SlotAdamState, fill, hyper: AdamHyper):
     correct1_S = 1.0 - hyper.beta1 ** t_S
     correct2_S = 1.0 - hyper.beta2 ** t_S
 
-    def update(x, g, m, v):
-        keep = _along_slots(filled_S, x, opt.slot_axis)
+    def update(x, g, m, v, axis):
+        keep = _along_slots(filled_S, x, axis)
         g = g.astype(jnp.float32)
         m_new = jnp.where(keep, hyper.beta1 * m + (1.0 - hyper.beta1) * g, m)
         v_new = jnp.where(keep, hyper.beta2 * v + (1.0 - hyper.beta2) * g * g, v)
-        m_hat = m_new / _along_slots(correct1_S, x, opt.slot_axis)
-        v_hat = v_new / _along_slots(correct2_S, x, opt.slot_axis)
+        m_hat = m_new / _along_slots(correct1_S, x, axis)
+        v_hat = v_new / _along_slots(correct2_S, x, axis)
         step = hyper.lr * m_hat / (jnp.sqrt(v_hat) + hyper.eps)
         return jnp.where(keep, x - step.astype(x.dtype), x), m_new, v_new
 
     leaves, treedef = jax.tree.flatten(states)
-    columns = zip(*(update(*args) for args in zip(leaves, treedef.flatten_up_to(grads),
-                                                 treedef.flatten_up_to(opt.m), treedef.flatten_up_to(opt.v))))
+    columns = zip(*(update(*args) for args in zip(leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(opt.m),
+                                                 treedef.flatten_up_to(opt.v), opt.slot_axes)))
     new_states, m, v = (treedef.unflatten(column) for column in columns)
     return new_states, dataclasses.replace(opt, m=m, v=v, steps=steps_S)
 
@@ -137,10 +148,10 @@ def append_adam_slots(opt: SlotAdamState, n_new: int, fill, keep_first: int = 0)
         >>> append_adam_slots(opt, 2, fill=2).steps.tolist()
         [4, 0, 0]
     """
-    def fresh(x):
-        shape = list(x.shape)
-        shape[opt.slot_axis] = n_new
-        return append_slots(x, jnp.zeros(shape, x.dtype), fill, opt.slot_axis, keep_first)
+    def fresh(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef.unflatten([append_slots(x, jnp.zeros(_with_slots(x.shape, axis, n_new), x.dtype), fill, axis,
+                                               keep_first) for x, axis in zip(leaves, opt.slot_axes)])
 
-    return dataclasses.replace(opt, m=jax.tree.map(fresh, opt.m), v=jax.tree.map(fresh, opt.v),
+    return dataclasses.replace(opt, m=fresh(opt.m), v=fresh(opt.v),
                                steps=append_slots(opt.steps, jnp.zeros((n_new,), jnp.int32), fill, 0, keep_first))

@@ -17,7 +17,7 @@ buffer, so a text compiles once per (segments, batch) shape, and the learning ra
 and betas are traced values: a sweep over them reuses the compiled program.
 
 Dimensions: K segments, B texts, S segment length, C cache slots, L layers,
-G key/value heads, H head width (cache arrays are (L, B, G, C, H), heads first as `KVCache` keeps them).
+G key/value heads, H head width (cache arrays as `KVCache` keeps them: keys (L, B, G, H, C), values (L, B, G, C, H)).
 
 Example:
     >>> import jax, numpy as np
@@ -57,7 +57,7 @@ from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
 
-SLOT_AXIS = KVCache.SLOT_AXES["k"]  # of the (L, B, G, C, H) cache arrays
+SLOT_AXES = (KVCache.SLOT_AXES["k"], KVCache.SLOT_AXES["v"])  # of the cache's keys and values
 # The gradient w.r.t. the cache keeps each layer's matmul outputs and recomputes the
 # attention's elementwise work: no (L, S, C) stacks of scores to fill and read back,
 # 5% faster and less memory than keeping everything (an A/B of bench_hso's probe, CPU).
@@ -142,7 +142,7 @@ class Segments:
 class HSOState:
     """The scan carry: the optimised states, the cache bookkeeping and per-slot Adam."""
 
-    past: tuple  # (k, v), each (L, B, G, C, H): the states, or their offsets when `base` is set
+    past: tuple  # (k, v) as the cache keeps them: the states, or their offsets when `base` is set
     base: tuple | None  # (k, v) the unoptimised states in offsets mode, else None
     positions: jax.Array  # (B, C) int32: each slot's position, -1 when empty
     fill: jax.Array  # () int32
@@ -176,6 +176,10 @@ class HSOState:
                        next_position=next_position)
 
 
+def _constrain_kv(kv: tuple) -> tuple:
+    return tuple(constrain(x, KV_AXES[name]) for name, x in zip(("k", "v"), kv))
+
+
 def init_state(params: Params, batch: int, cache_size: int, offsets: bool, update: bool) -> HSOState:
     """An empty HSO state for `batch` streams.
 
@@ -184,7 +188,7 @@ def init_state(params: Params, batch: int, cache_size: int, offsets: bool, updat
     """
     empty = init_cache(params.config, batch, cache_size, params.dtype)
     kv = (empty.k, empty.v)
-    adam = init_slot_adam(kv, SLOT_AXIS) if update else None
+    adam = init_slot_adam(kv, SLOT_AXES) if update else None
     return HSOState(past=kv, base=kv if offsets else None, positions=empty.positions, fill=empty.fill,
                     next_position=empty.next_position, adam=adam)
 
@@ -207,7 +211,7 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
     """NLL of one segment read after the cached states `kv`; returns (total, (nll_B, new_kv)).
 
     `kv` is the differentiable argument (the effective cached keys and values); the
-    segment's own new keys/values (L, B, G, S, H) come back as auxiliary output.
+    segment's own new keys/values (laid out as the cache keeps them) come back as auxiliary output.
 
     Example:
         >>> # (loss, (nll_B, new_kv)), grad = jax.value_and_grad(
@@ -245,21 +249,22 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
             if step:  # later steps: the gradient at the updated past
                 grad = jax.grad(lambda p: loss(p)[0])(past)
             past, adam = slot_adam_step(past, grad, adam, state.fill, hyper)
-        past = tuple(constrain(x, KV_AXES) for x in past)
+        past = _constrain_kv(past)
         if recompute:
             _, (_, new_kv) = segment_nll(params, state.kv(past), state, seg)
     finite = jnp.all(jnp.isfinite(nll_B)) & jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in past]))
 
     s = seg.inputs.shape[1]
-    append = functools.partial(append_slots, fill=state.fill, slot_axis=SLOT_AXIS, keep_first=sink)
+    def append(olds, news):
+        return tuple(append_slots(x, n, state.fill, axis, keep_first=sink) for x, n, axis in zip(olds, news, SLOT_AXES))
+
     if state.base is None:
-        past = tuple(append(x, n) for x, n in zip(past, new_kv))
-        base = None
+        past, base = append(past, new_kv), None
     else:  # new slots: the fresh states as base, zero offsets
-        base = tuple(append(x, n) for x, n in zip(state.base, new_kv))
-        past = tuple(append(x, jnp.zeros_like(n)) for x, n in zip(past, new_kv))
+        base = append(state.base, new_kv)
+        past = append(past, tuple(jnp.zeros_like(n) for n in new_kv))
     new_state = HSOState(
-        past=tuple(constrain(x, KV_AXES) for x in past), base=base,
+        past=_constrain_kv(past), base=base,
         positions=append_slots(state.positions, jnp.where(seg.mask, segment_positions(params, state, seg), -1),
                                state.fill, 1, sink),
         fill=jnp.minimum(state.fill + s, state.valid.shape[1]),

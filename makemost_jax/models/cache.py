@@ -12,11 +12,13 @@ pytree, `jax.grad` with respect to the cache, `lax.scan` over windows and
 An encoder-decoder's cache also carries its `EncodedSource`: every decoder layer's
 cross-attention keys and values, computed once per source, and the source's mask.
 
-Keys and values are stored heads first, (L, B, G, S, K): a decode step reads every
-layer's whole cache, and in the (L, B, S, G, K) order the attention's batched matmuls
-first had to transpose each layer's slice, a copy of the whole cache at every step (one
-query's attention over 12 layers at 64 rows: 144 ms against 99 ms on one CPU core,
-`benchmarks/bench_decode_step.py`).
+Keys and values are stored heads first, so a decode step's batched matmuls read each
+layer's cache as it lies: values (L, B, G, S, K), keys (L, B, G, K, S) with the slots last,
+which makes the score product q @ k a plain matmul. With the slots before the head
+dimension (q @ k^T), XLA's CPU matmul is far slower over a beam search's shared buffer (the
+scores of 8 x 8 beams over 536 slots, 12 layers, one core: 231 ms against 29 ms), and with
+the slots before the heads (L, B, S, G, K) every step first transposed the whole cache
+(`benchmarks/bench_decode_step.py`).
 
 Rows may share buffers (`branch_rows`): a beam search keeps each prompt's keys once for
 all its beams, and every beam's generated tokens in one buffer per prompt. Keys and
@@ -34,9 +36,9 @@ Example:
     >>> from makemost_jax.models.config import from_hf_config
     >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
     ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
-    >>> cache = init_cache(cfg, batch=3, size=16)
-    >>> cache.k.shape, int(cache.fill), repeat_rows(cache, 2).batch
-    ((2, 3, 4, 16, 16), 0, 6)
+    >>> cache = init_cache(cfg, batch=3, size=10)
+    >>> cache.k.shape, cache.v.shape, int(cache.fill), repeat_rows(cache, 2).batch
+    ((2, 3, 4, 16, 10), (2, 3, 4, 10, 16), 0, 6)
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ import numpy as np
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.config import ModelConfig
 
-# Logical axes of `KVCache.k` / `.v` (sharding rules and every method's slot axis read them here).
-KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
+# Logical axes of `KVCache.k` / `.v` and `EncodedSource.k` / `.v` (sharding rules and every
+# method's slot axis read them here): keys have their slots last, values before the head dimension.
+K_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_slots")
+V_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
+KV_AXES = {"k": K_AXES, "v": V_AXES}
 
 
 @jax.tree_util.register_dataclass
@@ -60,11 +65,11 @@ KV_AXES = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
 class EncodedSource:
     """What a decoder's cross-attention reads of one batch of sources."""
 
-    k: jax.Array  # (L, B, G, S, K) every decoder layer's cross-attention keys, heads first (B / n rows: shared)
+    k: jax.Array  # (L, B, G, K, S) every decoder layer's cross-attention keys (B / n rows: shared)
     v: jax.Array  # (L, B, G, S, K)
     mask: jax.Array  # (B, S) bool: real source tokens
 
-    ROW_AXES: ClassVar[dict] = {"k": 1, "v": 1, "mask": 0}
+    ROW_AXES: ClassVar[dict] = {"k": K_AXES.index("batch"), "v": V_AXES.index("batch"), "mask": 0}
     BUFFERS: ClassVar[tuple] = ("k", "v")  # fields whose rows `branch_rows` shares
 
     @property
@@ -75,7 +80,7 @@ class EncodedSource:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # (L, B, G, S, K), heads first; rotary keys are stored already rotated (B / n rows: shared)
+    k: jax.Array  # (L, B, G, K, S), slots last; rotary keys are stored already rotated (B / n rows: shared)
     v: jax.Array  # (L, B, G, S, K)
     positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
@@ -83,10 +88,10 @@ class KVCache:
     source: EncodedSource | None = None  # encoder-decoders: the encoded source the decoder reads
 
     # Fields with a batch axis (a nested pytree with ROW_AXES of its own: None).
-    ROW_AXES: ClassVar[dict] = {"k": KV_AXES.index("batch"), "v": KV_AXES.index("batch"), "positions": 0,
+    ROW_AXES: ClassVar[dict] = {"k": K_AXES.index("batch"), "v": V_AXES.index("batch"), "positions": 0,
                                 "next_position": 0, "source": None}
     BUFFERS: ClassVar[tuple] = ("k", "v")  # fields whose rows `branch_rows` shares
-    SLOT_AXES: ClassVar[dict] = {"k": KV_AXES.index("cache_slots"), "v": KV_AXES.index("cache_slots"),
+    SLOT_AXES: ClassVar[dict] = {"k": K_AXES.index("cache_slots"), "v": V_AXES.index("cache_slots"),
                                  "positions": 1}  # fields with a slot axis
 
     @property
@@ -100,12 +105,27 @@ class KVCache:
     @property
     def rows_per_buffer(self) -> int:
         """Rows that share each row of the key/value buffers: 1, or n after `branch_rows`."""
-        return self.batch // self.k.shape[1]
+        return self.batch // self.k.shape[self.ROW_AXES["k"]]
 
     @property
     def valid(self) -> jax.Array:
         """(B, S) bool: the slot holds a real token."""
         return self.positions >= 0
+
+
+def kv_shape(config: ModelConfig, batch: int, size: int, field: str) -> tuple:
+    """The shape of a cache's keys (`field` "k") or values ("v") of `size` slots for `batch` rows.
+
+    Example:
+        >>> from makemost_jax.models.config import from_hf_config
+        >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
+        ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
+        >>> kv_shape(cfg, 3, 10, "k"), kv_shape(cfg, 3, 10, "v")
+        ((2, 3, 4, 16, 10), (2, 3, 4, 10, 16))
+    """
+    sizes = {"layers": config.n_layers, "batch": batch, "kv_heads": config.n_kv_heads,
+             "head_dim": config.head_dim, "cache_slots": size}
+    return tuple(sizes[axis] for axis in KV_AXES[field])
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
@@ -114,10 +134,9 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) ->
     Example:
         >>> # cache = init_cache(params.config, batch=2, size=128, dtype=jnp.bfloat16)
     """
-    shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=jnp.zeros(kv_shape(config, batch, size, "k"), dtype),
+        v=jnp.zeros(kv_shape(config, batch, size, "v"), dtype),
         positions=jnp.full((batch, size), -1, jnp.int32),
         fill=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch,), jnp.int32),

@@ -276,8 +276,8 @@ class Attention(nnx.Module):
         self.q_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
         self.k_norm = Norm(cfg, k, "rmsnorm") if a.qk_norm and not cross else None
 
-    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGSK, v_BGSK, extra=None):
-        """Returns (output, the input's own keys and values (B, G, T, K), heads first as the cache keeps them)."""
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGKS, v_BGSK, extra=None):
+        """Returns (output, the input's own keys (B, G, K, T) and values (B, G, T, K), as the cache keeps them)."""
         b, t, _ = x_BTD.shape
         a = cfg.attention
         h, g, k = a.n_heads, a.n_kv_heads, a.head_dim
@@ -291,8 +291,8 @@ class Attention(nnx.Module):
             k_BTGK = apply_rotary(k_BTGK, ctx["positions"], layer["inv_freq"], layer["rope_factor"])
         # The cache is only read here: its keys come first, the input's own after them, and
         # `forward` writes the new keys into the cache once, after all layers.
-        k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
-        keys = (k_BGTK,) if k_BGSK is None else (k_BGSK, k_BGTK)
+        k_BGKT, v_BGTK = k_BTGK.transpose(0, 2, 3, 1), v_BTGK.transpose(0, 2, 1, 3)
+        keys = (k_BGKT,) if k_BGKS is None else (k_BGKS, k_BGKT)
         values = (v_BGTK,) if v_BGSK is None else (v_BGSK, v_BGTK)
         if a.scale_by_inverse_layer:
             q_BTHK = q_BTHK / (layer["index"] + 1).astype(q_BTHK.dtype)
@@ -302,35 +302,35 @@ class Attention(nnx.Module):
             attend_BTS = attend_BTS & near_BTS
         scale = 1.0 / math.sqrt(k) if a.scale is None else a.scale
         out_BTHK = attention(q_BTHK, keys, values, attend_BTS, scale, extra, a.softcap, ctx.get("bias"))
-        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BGTK, v_BGTK
+        return self.o(out_BTHK.reshape(b, t, h * k).astype(x_BTD.dtype)), k_BGKT, v_BGTK
 
-    def attend_source(self, cfg: ModelConfig, x_BTD, k_BGSK, v_BGSK, attend_BTS):
+    def attend_source(self, cfg: ModelConfig, x_BTD, k_BGKS, v_BGSK, attend_BTS):
         """Cross-attention: queries from `x`, keys/values of the encoded source (`project_source`)."""
         b, t, _ = x_BTD.shape
         a = cfg.attention
         q_BTHK = self.q(x_BTD).reshape(b, t, a.n_heads, a.head_dim)
         scale = 1.0 / math.sqrt(a.head_dim) if a.scale is None else a.scale
-        out_BTHK = attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale)
+        out_BTHK = attention(q_BTHK, k_BGKS, v_BGSK, attend_BTS, scale)
         return self.o(out_BTHK.reshape(b, t, a.n_heads * a.head_dim).astype(x_BTD.dtype))
 
 
 def project_source(cfg: ModelConfig, cross_weights: dict, source_BSD):
-    """Every layer's cross-attention keys and values of an encoded source, (L, B, G, S, K) each (heads first).
+    """Every layer's cross-attention keys (L, B, G, K, S) and values (L, B, G, S, K) of an encoded source.
 
     Computed once per source; decoding reads them at every step.
 
     Example:
-        >>> # k_LBGSK, v_LBGSK = project_source(cfg, weights["layers"]["cross_attn"], encoded_BSD)
+        >>> # k_LBGKS, v_LBGSK = project_source(cfg, weights["layers"]["cross_attn"], encoded_BSD)
     """
     shape = (cfg.n_layers, *source_BSD.shape[:2], cfg.n_kv_heads, cfg.head_dim)
 
-    def project(w):
+    def project(w, order):
         y_LBSE = jnp.einsum("bsd,lde->lbse", source_BSD, w["kernel"].astype(source_BSD.dtype))
         if "bias" in w:
             y_LBSE = y_LBSE + w["bias"][:, None, None].astype(y_LBSE.dtype)
-        return y_LBSE.reshape(shape).transpose(0, 1, 3, 2, 4)
+        return y_LBSE.reshape(shape).transpose(order)
 
-    return project(cross_weights["k"]), project(cross_weights["v"])
+    return project(cross_weights["k"], (0, 1, 3, 4, 2)), project(cross_weights["v"], (0, 1, 3, 2, 4))
 
 
 def relative_buckets(relative_BTS, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -393,14 +393,15 @@ def _use_cudnn(dtype) -> bool:
     return choice == "cudnn"
 
 
-def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
+def attention(q_BTHK, k_BGKS, v_BGSK, attend_BTS, scale: float, extra=None, softcap=None, bias_BHTS=None):
     """Softmax attention of T queries over S keys with grouped key/value heads.
 
-    Keys and values are heads first, (B, G, S, K), the layout the batched matmuls read
-    (and the cache's). They may come in parts, a tuple of (B, G, S_i, K) arrays each (a
-    cache and the new tokens' own): one softmax runs over all S = sum S_i keys, in the
-    parts' order, without joining them into one buffer (which would copy the cache).
-    A part with fewer rows than the queries, (B / n, G, S_i, K), is shared: each of its
+    Keys (B, G, K, S) and values (B, G, S, K) are heads first and laid out as the batched
+    matmuls q @ k and weights @ v read them (and as the cache keeps them). They may come
+    in parts, tuples of (B, G, K, S_i) keys and (B, G, S_i, K) values (a cache and the new
+    tokens' own): one softmax runs over all S = sum S_i keys, in the parts' order, without
+    joining them into one buffer (which would copy the cache).
+    A part with fewer rows than the queries, (B / n, ...), is shared: each of its
     rows serves n consecutive query rows (a beam search's prompts and tree of generated
     tokens, `models.cache.branch_rows`), so it is read once for all n of them.
     `attend_BTS` is a boolean mask over those S keys; None means plain causal attention
@@ -416,24 +417,24 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     recurrence memory enters this way).
 
     Example:
-        >>> q = jnp.ones((1, 3, 4, 8)); kv = jnp.ones((1, 2, 3, 8))
-        >>> attention(q, kv, kv, None, 8 ** -0.5).shape
+        >>> q = jnp.ones((1, 3, 4, 8)); k = jnp.ones((1, 2, 8, 3)); v = jnp.ones((1, 2, 3, 8))
+        >>> attention(q, k, v, None, 8 ** -0.5).shape
         (1, 3, 4, 8)
-        >>> cache = jnp.ones((1, 2, 5, 8)); mask = jnp.ones((1, 3, 8), bool)
-        >>> attention(q, (cache, kv), (cache, kv), mask, 8 ** -0.5).shape   # 5 cached + 3 own keys
+        >>> cache_k, cache_v = jnp.ones((1, 2, 8, 5)), jnp.ones((1, 2, 5, 8)); mask = jnp.ones((1, 3, 8), bool)
+        >>> attention(q, (cache_k, k), (cache_v, v), mask, 8 ** -0.5).shape   # 5 cached + 3 own keys
         (1, 3, 4, 8)
         >>> q2 = jnp.ones((2, 3, 4, 8))    # two query rows sharing the one-row cache
-        >>> attention(q2, (cache, jnp.ones((2, 2, 3, 8))), (cache, jnp.ones((2, 2, 3, 8))),
+        >>> attention(q2, (cache_k, jnp.ones((2, 2, 8, 3))), (cache_v, jnp.ones((2, 2, 3, 8))),
         ...           jnp.ones((2, 3, 8), bool), 8 ** -0.5).shape
         (2, 3, 4, 8)
     """
-    keys = k_BGSK if isinstance(k_BGSK, tuple) else (k_BGSK,)
+    keys = k_BGKS if isinstance(k_BGKS, tuple) else (k_BGKS,)
     values = v_BGSK if isinstance(v_BGSK, tuple) else (v_BGSK,)
     b, t, h, k = q_BTHK.shape
     g = keys[0].shape[1]
     if attend_BTS is None:
         if len(keys) == 1 and extra is None and softcap is None and bias_BHTS is None and _use_cudnn(q_BTHK.dtype):
-            k_BSGK, v_BSGK = (x[0].transpose(0, 2, 1, 3) for x in (keys, values))
+            k_BSGK, v_BSGK = keys[0].transpose(0, 3, 1, 2), values[0].transpose(0, 2, 1, 3)
             return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True,
                                                 implementation="cudnn")
         attend_BTS = jnp.tril(jnp.ones((1, t, t), bool))
@@ -443,7 +444,7 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     # batched matmul per (batch, group), which XLA runs much faster than a 5-D einsum.
     q_BGQK = q_BTHK.reshape(b, t, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, k)
 
-    scores_BGRTS = jnp.concatenate([_part_product("bgqk,bgsk->bgqs", q_BGQK, k_part.astype(q_BTHK.dtype), wide)
+    scores_BGRTS = jnp.concatenate([_part_product("bgqk,bgks->bgqs", q_BGQK, k_part.astype(q_BTHK.dtype), wide)
                                     for k_part in keys], axis=-1).reshape(b, g, r, t, -1) * scale
     if bias_BHTS is not None:
         scores_BGRTS = scores_BGRTS + bias_BHTS.reshape(bias_BHTS.shape[0], g, r, t, -1).astype(wide)
@@ -457,7 +458,7 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     weights_BGQS = jnp.exp(scores_BGRTS - shift_BGRT1).reshape(b, g, r * t, -1)
     num_BGQK, start = 0, 0
     for v_part in values:
-        width = v_part.shape[2]
+        width = v_part.shape[2]  # (values: slots before the head dimension)
         w_BGQS = weights_BGQS[..., start:start + width].astype(q_BTHK.dtype)
         num_BGQK = num_BGQK + _part_product("bgqs,bgsk->bgqk", w_BGQS, v_part.astype(q_BTHK.dtype), wide)
         start += width
@@ -470,18 +471,18 @@ def attention(q_BTHK, k_BGSK, v_BGSK, attend_BTS, scale: float, extra=None, soft
     return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(q_BTHK.dtype)
 
 
-def _part_product(spec: str, x_BGQX, part_BGSK, wide):
+def _part_product(spec: str, x_BGQX, part_BGXY, wide):
     """`einsum(spec, x, part)` per row; a shared part (fewer rows) serves consecutive groups of rows.
 
     The n rows that share a part row are folded into the query axis, so the part is
     read once for all of them (one matmul with n times the rows).
     """
-    b, u = x_BGQX.shape[0], part_BGSK.shape[0]  # u = B / n part rows
+    b, u = x_BGQX.shape[0], part_BGXY.shape[0]  # u = B / n part rows
     if u == b:
-        return jnp.einsum(spec, x_BGQX, part_BGSK, preferred_element_type=wide)
+        return jnp.einsum(spec, x_BGQX, part_BGXY, preferred_element_type=wide)
     n, (_, g, q, x) = b // u, x_BGQX.shape
     x_UGQX = x_BGQX.reshape(u, n, g, q, x).transpose(0, 2, 1, 3, 4).reshape(u, g, n * q, x)
-    y_UGQY = jnp.einsum(spec, x_UGQX, part_BGSK, preferred_element_type=wide)
+    y_UGQY = jnp.einsum(spec, x_UGQX, part_BGXY, preferred_element_type=wide)
     return y_UGQY.reshape(u, g, n, q, -1).transpose(0, 2, 1, 3, 4).reshape(b, g, q, -1)
 
 
@@ -556,25 +557,25 @@ class Block(nnx.Module):
             return self.cross_norm(x_BTD + attend(x_BTD))
         return x_BTD + attend(self.cross_norm(x_BTD))
 
-    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGSK, v_BGSK, extra=None, source=None):
+    def __call__(self, cfg: ModelConfig, x_BTD, ctx: dict, layer: dict, k_BGKS, v_BGSK, extra=None, source=None):
         def attn(h_BTD):
-            return self.attn(cfg, h_BTD, ctx, layer, k_BGSK, v_BGSK, extra)  # (out, the input's own k, v)
+            return self.attn(cfg, h_BTD, ctx, layer, k_BGKS, v_BGSK, extra)  # (out, the input's own k, v)
 
         placement = cfg.norm.placement
         if placement == "post":  # BERT, BART, Marian, OPT without layer_norm_before
-            a_BTD, k_BGTK, v_BGTK = attn(x_BTD)
+            a_BTD, k_BGKT, v_BGTK = attn(x_BTD)
             x_BTD = self._cross(cfg, self.attn_norm(x_BTD + a_BTD), ctx, source)
-            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BGTK, v_BGTK
-        a_BTD, k_BGTK, v_BGTK = attn(self.attn_norm(x_BTD))
+            return self.mlp_norm(x_BTD + self.mlp(cfg, x_BTD)), k_BGKT, v_BGTK
+        a_BTD, k_BGKT, v_BGTK = attn(self.attn_norm(x_BTD))
         if cfg.norm.parallel:  # GPT-NeoX: both sub-layers read the block input
-            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BGTK, v_BGTK
+            return x_BTD + a_BTD + self.mlp(cfg, self.mlp_norm(x_BTD)), k_BGKT, v_BGTK
         if placement == "sandwich":
             a_BTD = self.post_attn_norm(a_BTD)
         x_BTD = self._cross(cfg, x_BTD + a_BTD, ctx, source)
         m_BTD = self.mlp(cfg, self.mlp_norm(x_BTD))
         if placement == "sandwich":
             m_BTD = self.post_mlp_norm(m_BTD)
-        return x_BTD + m_BTD, k_BGTK, v_BGTK
+        return x_BTD + m_BTD, k_BGKT, v_BGTK
 
 
 # Logical axes of every Block parameter (without the leading "layers" axis). A parameter
@@ -688,18 +689,18 @@ def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None) -> d
             "key_positions": positions_BT if key_positions_BS is None else key_positions_BS}
 
 
-def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGSK=None, v_LBGSK=None,
+def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGKS=None, v_LBGSK=None,
                return_hidden: bool = False, extra_kv=None, source_kv=None):
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
 
-    `ctx` comes from `attention_context`. `k_LBGSK`/`v_LBGSK` are the cache buffers (None
-    for encoders and fresh prefills), only read: the returned k, v (L, B, G, T, K) are the
-    input tokens' own, for the caller to write into its cache once (writing inside the
+    `ctx` comes from `attention_context`. `k_LBGKS`/`v_LBGSK` are the cache buffers (None
+    for encoders and fresh prefills), only read: the returned keys (L, B, G, K, T) and values
+    (L, B, G, T, K) are the input tokens' own, for the caller to write into its cache once (writing inside the
     scan would copy the whole cache at every layer). Per-layer settings (index, sliding
     window, rotary frequencies) are scanned with the weights. `extra_kv`, optional, is a triple
     `(k_LBMGK, v_LBMGK, gate_LH)` of M extra key/value slots per layer, mixed into every
     query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
-    a decoder with cross-attention, is `(k_LBGSK, v_LBGSK)` of the encoded source
+    a decoder with cross-attention, is `(k_LBGKS, v_LBGSK)` of the encoded source
     (`project_source`); `ctx["source_attend"]` (B, 1, S) says which source slots are real.
 
     Example:
@@ -713,18 +714,18 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGSK=
         per_layer["inv_freq"], per_layer["rope_factor"] = rotary
 
     def step(x_BTD, xs):
-        weights, layer, k_BGSK, v_BGSK, extra, source = xs
+        weights, layer, k_BGKS, v_BGSK, extra, source = xs
         x_BTD = constrain(x_BTD, ("batch", "length", "activation"))
         state = jax.tree.map(lambda leaf: leaf, abstract_state)
         nnx.replace_by_pure_dict(state, weights)
         block = nnx.merge(graphdef, state)
-        y_BTD, k_BGTK, v_BGTK = block(cfg, x_BTD, ctx, layer, k_BGSK, v_BGSK, extra, source)
-        return y_BTD, (k_BGTK, v_BGTK, y_BTD if return_hidden else None)
+        y_BTD, k_BGKT, v_BGTK = block(cfg, x_BTD, ctx, layer, k_BGKS, v_BGSK, extra, source)
+        return y_BTD, (k_BGKT, v_BGTK, y_BTD if return_hidden else None)
 
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
-    x_BTD, (k_LBGTK, v_LBGTK, hidden_LBTD) = jax.lax.scan(
-        step, x_BTD, (layer_weights, per_layer, k_LBGSK, v_LBGSK, extra_kv, source_kv),
+    x_BTD, (k_LBGKT, v_LBGTK, hidden_LBTD) = jax.lax.scan(
+        step, x_BTD, (layer_weights, per_layer, k_LBGKS, v_LBGSK, extra_kv, source_kv),
         unroll=cfg.n_layers if _LAYER_UNROLL.get() else 1)
-    return x_BTD, k_LBGTK, v_LBGTK, hidden_LBTD
+    return x_BTD, k_LBGKT, v_LBGTK, hidden_LBTD

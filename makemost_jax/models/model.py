@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import EncodedSource, KVCache, init_cache
+from makemost_jax.models.cache import KV_AXES, EncodedSource, KVCache, init_cache, kv_shape
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import (
     accumulation_dtype,
@@ -296,13 +296,13 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache, write_cache: bool = True):
     if cache is not None:
         if cache.batch != tokens_BT.shape[0]:
             raise InputError(f"cache has batch {cache.batch} but tokens have batch {tokens_BT.shape[0]}")
-        buffers = cache.k.shape[1]
-        want = (cfg.n_layers, buffers, cfg.n_kv_heads, cache.positions.shape[1], cfg.head_dim)
-        if cache.k.shape != want or cache.v.shape != want or cache.batch % buffers:
+        buffers = cache.k.shape[KVCache.ROW_AXES["k"]]
+        want = {name: kv_shape(cfg, buffers, cache.positions.shape[1], name) for name in ("k", "v")}
+        if cache.k.shape != want["k"] or cache.v.shape != want["v"] or cache.batch % buffers:
             raise InputError(f"cache keys/values have shapes {cache.k.shape} and {cache.v.shape}; this model and "
-                             f"cache need (layers, batch, kv_heads, slots, head_dim) = {want}, heads first, with "
-                             f"a batch that divides the {cache.batch} rows: build caches with init_cache "
-                             "(and branch_rows)")
+                             f"cache need keys {KV_AXES['k']} = {want['k']} and values {KV_AXES['v']} = "
+                             f"{want['v']}, with a batch that divides the {cache.batch} rows: build caches "
+                             "with init_cache (and branch_rows)")
         if not write_cache:  # only read: the new tokens need no room
             return
         t = tokens_BT.shape[1] * cache.rows_per_buffer  # slots this call writes
@@ -532,17 +532,17 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         ctx = add_source_and_bias(ctx, ctx["key_positions"])
         x0_BTD = embed(cfg, weights, tokens_BT, positions_BT, token_types)
         buffers = (None, None) if fresh else (cache.k, cache.v)
-        x_BTD, k_LBGTK, v_LBGTK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
+        x_BTD, k_LBGKT, v_LBGTK, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, *buffers, return_hidden,
                                                      extra_kv, source_kv)
         if fresh or not write_cache:  # a cache of the input's own T slots
-            k, v, key_positions_BS, fill = k_LBGTK, v_LBGTK, new_positions_BT, jnp.int32(t)
+            k, v, key_positions_BS, fill = k_LBGKT, v_LBGTK, new_positions_BT, jnp.int32(t)
         else:  # one write of every layer's new keys into the cache
-            def runs(x_LBGTK):  # (L, B/n, G, n*T, K): the n rows' tokens one run after the other
-                l, _, g, _, d = x_LBGTK.shape
-                return x_LBGTK.reshape(l, b // n, n, g, t, d).transpose(0, 1, 3, 2, 4, 5).reshape(l, b // n, g, n * t, d)
+            def runs(x, axis):  # B/n rows, n*T slots on `axis`: the n rows' tokens one run after the other
+                x = jnp.moveaxis(x.reshape(x.shape[0], b // n, n, *x.shape[2:]), 2, axis)
+                return x.reshape(*x.shape[:axis], n * t, *x.shape[axis + 2:])
 
-            k, v = (write_slots(old, runs(new), cache.fill, KVCache.SLOT_AXES["k"], rolls)
-                    for old, new in ((cache.k, k_LBGTK), (cache.v, v_LBGTK)))
+            k, v = (write_slots(old, runs(new, KVCache.SLOT_AXES[name]), cache.fill, KVCache.SLOT_AXES[name], rolls)
+                    for name, old, new in (("k", cache.k, k_LBGKT), ("v", cache.v, v_LBGTK)))
             own_BNT = jnp.arange(n)[None, :, None] == (jnp.arange(b) % n)[:, None, None]
             new_BW = jnp.where(own_BNT, new_positions_BT[:, None, :], -1).reshape(b, n * t)
             key_positions_BS, fill = cache.positions.at[:, slots_W].set(new_BW), cache.fill + n * t

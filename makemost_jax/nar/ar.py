@@ -2,7 +2,7 @@
 
 Training input is [CLS] y_1 .. y_n, targets y_1 .. y_n [SEP] (next-token cross entropy).
 Greedy decoding runs one token per step under `lax.while_loop` with a self-attention
-KV cache (L, B, H, max_target + 1, K) and cross-attention keys/values computed once per
+KV cache of max_target + 1 slots (`init_cache`) and cross-attention keys/values computed once per
 source, so every step costs one token's decoder pass, and stops when every row has
 emitted [SEP] (or at max_target tokens). That makes the NAR-vs-AR speed comparison fair.
 
