@@ -27,6 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from makemost_jax.errors import InputError
+
 
 class AdamHyper(NamedTuple):
     """Adam's numbers; traced (not static) so a learning-rate sweep compiles once."""
@@ -56,11 +58,16 @@ def init_slot_adam(states, slot_axis) -> SlotAdamState:
         (5,)
         >>> init_slot_adam((jnp.zeros((2, 5)), jnp.zeros((5, 2))), slot_axis=(1, 0)).slot_axes
         (1, 0)
+        >>> init_slot_adam((jnp.zeros((2, 5)), jnp.zeros((5, 2))), slot_axis=1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        makemost_jax.errors.InputError: slot_axis=1 must give one slot axis for every array of the states, ...
     """
     leaves = jax.tree.leaves(states)
     axes = (slot_axis,) * len(leaves) if isinstance(slot_axis, int) else tuple(jax.tree.leaves(slot_axis))
     if len(axes) != len(leaves) or len({x.shape[a] for x, a in zip(leaves, axes)}) != 1:
-        raise ValueError(f"slot_axis={slot_axis} must give one slot axis of the same size for every array")
+        raise InputError(f"slot_axis={slot_axis} must give one slot axis for every array of the states, all "
+                         "of the same size (one int, or a pytree of ints shaped like the states)")
 
     def zeros(x):
         return jnp.zeros(x.shape, jnp.float32)  # moments stay float32 under bfloat16 states
