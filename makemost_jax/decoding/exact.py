@@ -64,6 +64,7 @@ from makemost_jax.decoding.beam import beam_search
 from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decoder_inputs, prefill
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, gather_rows
+from makemost_jax.models.layers import write_slots
 from makemost_jax.models.model import forward
 from makemost_jax.models.types import Params
 
@@ -148,7 +149,7 @@ def _expand(params: Params, cache: KVCache, pool, rows_E, tokens_E, chain_EA, le
     def place(name, buffer, pool_x):  # the ancestors' (L, E, A, G, K) on the cache's slot axis
         axis = KVCache.SLOT_AXES[name]
         ancestors = jnp.moveaxis(jnp.where(have_EA[None, :, :, None, None], pool_x[:, slot_EA], 0), 2, axis)
-        return jax.lax.dynamic_update_slice_in_dim(buffer, ancestors.astype(buffer.dtype), start, axis)
+        return write_slots(buffer, ancestors, start, axis)
 
     # Ancestor i (0-based) of a prefix of length d sits in column a - (d - 1) + i, at position prompt + i.
     prompt_E = rows.next_position
