@@ -124,17 +124,18 @@ def timed(fn):
 
 
 def compiled_search(call):
-    """Run `call` (a beam_search-based call: compiles and runs once) and return the compiled `beam._search`."""
+    """Run `call` (a beam_search-based call: compiles and runs once); return the compiled `beam._search` (the
+    same program compiled again, for its memory analysis) and {"analysis_seconds": that second compile's time}."""
     real, seen = beam._search, {}
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        seen["compiled"] = real.lower(*args, **kwargs).compile()  # the same program, for its memory analysis
+        seen["analysis_seconds"], seen["compiled"] = timed(lambda: real.lower(*args, **kwargs).compile())
         return out
 
     with mock.patch.object(beam, "_search", spy):
         call()
-    return seen["compiled"]
+    return seen["compiled"], seen
 
 
 def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
@@ -177,7 +178,12 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
             torch.cuda.synchronize()
         return out
 
-    memory = {"beam": memory_mib(compiled_search(run_jax)), "cbs": memory_mib(compiled_search(run_cbs))}
+    # The first call compiles (and then compiles again for the memory analysis: timed apart).
+    first, programs = {}, {}
+    for name, call in (("beam", run_jax), ("cbs", run_cbs)):
+        first[name], (programs[name], first_run) = timed(lambda call=call: compiled_search(call))
+        first[name] -= first_run["analysis_seconds"]
+    memory = {name: memory_mib(program) for name, program in programs.items()}
     run_torch(torch_threads[0], new_tokens=2)
     compiles = beam._search._cache_size()
     calls = {"jax": run_jax, "cbs": run_cbs, **{f"torch_{n}": lambda n=n: run_torch(n) for n in torch_threads}}
@@ -215,7 +221,7 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
         "cbs_over_beam": pairwise("cbs", "jax"),
         "same_sequences_fraction": same_rows, "max_score_diff": score_diff, "cbs_all_finished": cbs_ok,
         "compiles_during_repeats": beam._search._cache_size() - compiles,
-        "jax_memory_mib": memory,
+        "jax_memory_mib": memory, "first_call_seconds": first,
     }
 
 
@@ -250,6 +256,9 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
     flags = os.environ.get("XLA_FLAGS")
     lines = [f"# Search cost: makemost_jax beam search / CBS / exact search ({tag})", "",
              machine_line(info) + (f" XLA_FLAGS: `{flags}`." if flags else ""), "",
+             (f"Decode-loop layout: `{os.environ.get('MAKEMOST_DECODE_LAYERS', 'scan')}` (`models.model.decode_layout`: "
+              "`per_layer` holds weights and cache per layer and unrolls the layers, `scan` stacks and scans them)."),
+             "",
              f"Command: `{command}`", "",
              "## Beam search vs Hugging Face `generate(num_beams=K)`, and CBS", "",
              ("Random-weight GPT-2 or OPUS-MT-shaped Marian (same weights in both frameworks), float32, prompts "
@@ -260,8 +269,9 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
              ("| variant | layers x width | batch x beams x new | JAX s | CBS s | "
               + " | ".join(f"HF s ({n} thr)" for n in threads) + " | "
               + " | ".join(f"speed-up vs HF ({n} thr)" for n in threads)
-              + " | CBS / beam | same sequences | max score diff | peak MiB beam / CBS | recompiles |"),
-             "|" + "---|" * (11 + 2 * len(threads))]
+              + " | CBS / beam | same sequences | max score diff | peak MiB beam / CBS | recompiles | "
+              "first call s, beam / CBS |"),
+             "|" + "---|" * (12 + 2 * len(threads))]
     for r in rows:
         s, m = r["seconds"], r["jax_memory_mib"]
         lines.append(
@@ -270,10 +280,11 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
             + " | ".join(f"{s[f'torch_{n}']:.2f}" if n in r["speedup_vs_torch"] else "-" for n in threads) + " | "
             + " | ".join(f"{r['speedup_vs_torch'][n]:.2f}x" if n in r["speedup_vs_torch"] else "-" for n in threads)
             + f" | {r['cbs_over_beam']:.2f}x | {r['same_sequences_fraction']:.0%} | {r['max_score_diff']:.1e} "
-            f"| {m['beam']['peak']} / {m['cbs']['peak']} | {r['compiles_during_repeats']} |")
+            f"| {m['beam']['peak']} / {m['cbs']['peak']} | {r['compiles_during_repeats']} "
+            f"| {r['first_call_seconds']['beam']:.1f} / {r['first_call_seconds']['cbs']:.1f} |")
     lines += ["", ("Goals (issue 19): JAX / HF >= 1.2x at 1 x 4 beams and >= 1.5x at 8 x 8 on CPU, both given the "
                    "same cores (>= 5x on a GPU); CBS / beam <= 1.15x. Peak memory: XLA's memory analysis of the "
-                   "compiled search (arguments incl. weights + temporaries + outputs).")]
+                   "compiled search (arguments incl. weights + temporaries + outputs). First call: compiling and one run.")]
     if exact:
         e, b = exact, exact["bare_expansion"]
         lines += ["", "## Exact search: length-conditional modes on the default model", "",
@@ -297,7 +308,8 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
 def report(rows: list[dict], exact: dict | None) -> list[dict]:
     out = []
     for r in rows:
-        shape = f"{r['variant']}, {r['batch']} x {r['beams']} beams x {r['new_tokens']} tokens"
+        layout = os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")
+        shape = f"{r['variant']}, {r['batch']} x {r['beams']} beams x {r['new_tokens']} tokens, {layout} decode loop"
         speed = ", ".join(f"{x:.2f}x (PyTorch {n} thread{'s' * (n > 1)})" for n, x in r["speedup_vs_torch"].items())
         out.append(report_row("Beam search", f"JAX / HF generate speed-up, {shape}",
                               f"{speed}; {r['same_sequences_fraction']:.0%} same sequences"))
@@ -327,7 +339,11 @@ def main(argv=None):
     parser.add_argument("--no-exact", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="PyTorch on CUDA (JAX uses its default backend)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: backend, + _quick)")
+    parser.add_argument("--decode-layers", choices=("scan", "per_layer"), default=None,
+                        help="the searches' decode-loop layout (MAKEMOST_DECODE_LAYERS; default: the library's)")
     args = parser.parse_args(argv)
+    if args.decode_layers:
+        os.environ["MAKEMOST_DECODE_LAYERS"] = args.decode_layers  # read when the searches are traced
     if args.quick:
         args.variants, args.exact_length, args.exact_budget, args.rate_budget = "tiny", 2, 2_000, 128
     device = "cuda" if args.gpu else "cpu"
@@ -352,7 +368,8 @@ def main(argv=None):
     info["load_average_at_end"] = load_average()
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
     command = " ".join(["python benchmarks/bench_beam.py", *(argv if argv is not None else sys.argv[1:])])
-    payload = {"machine_detail": info, "xla_flags": os.environ.get("XLA_FLAGS", ""), "beam": rows, "exact": exact}
+    payload = {"machine_detail": info, "xla_flags": os.environ.get("XLA_FLAGS", ""), "beam": rows, "exact": exact,
+               "decode_layers": os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")}
     path = write_results(f"beam_{tag}", payload, markdown(rows, exact, info, tag, command), report(rows, exact))
     print(f"wrote {path}")
     if exact:

@@ -4,16 +4,17 @@ Beam search at 8 prompts x 8 beams is a decode step over 64 rows plus a top-k (i
 prompt's cache buffer, `models.cache.branch_rows`, where this script's rows have their own). This
 script times, in one process on the same random GPT-2-small weights (float32, the same threads):
 
-1. the decode step: one token per row after 48 cached tokens; JAX `decode_step` (jitted, cache donated, as
-   inside the search's loop) against Hugging Face's forward with a `DynamicCache` cut back to 48 tokens
-   after every call;
+1. the decode step: one token per row after 48 cached tokens; JAX `decode_step` inside one jitted loop of
+   16 steps, as the searches run it, with the weights and cache held per layer (`models.model.per_layer`,
+   the searches' layout with MAKEMOST_DECODE_LAYERS=per_layer) and stacked under the layer scan (their
+   default), against Hugging Face's forward with a
+   `DynamicCache` cut back to 48 tokens after every call;
 2. the step's matrix multiplications alone (per layer: QKV, attention output, MLP up and down; then the
    vocabulary projection), each as a plain `a @ b` in both frameworks;
 3. JAX's attention of one query over every layer's cache in four layouts: the stacked (L, B, S, H, K) the
    cache had until 2026-12-06, the heads-first (L, B, H, S, K) it had until 2026-12-07, today's heads-first
-   values with the keys' slots last, (L, B, H, K, S), all three under the layer scan, and one heads-first
-   buffer per layer (which would need the layer loop unrolled; on XLA's CPU backend the unrolled model, with
-   its weights sliced per layer, ran slower than the scan: each layer's slice is copied out either way);
+   values with the keys' slots last, (L, B, H, K, S), all three under the layer scan (which copies each
+   layer's slice out), and one heads-first buffer per layer, read where it lies (`per_layer`'s);
 4. the score product q @ k alone over a beam search's shared buffer (8 prompts x 8 beams, one query per
    beam, 32 + 8 x 63 = 536 slots at the last of 64 steps), with the keys' slots before the head dimension
    (q @ k^T) and after it (q @ k, today's).
@@ -48,9 +49,11 @@ from common import command_line, machine, machine_line, report_row, write_result
 
 from makemost_jax.decoding.sampling import decode_step, prefill
 from makemost_jax.models import from_hf_config, params_from_hf
+from makemost_jax.models.model import per_layer
 
 CACHED = 48  # tokens in the cache when the step runs (prompt of 32 + 16 generated)
 SLOTS = 96  # the beam search's cache at 32 prompt + 64 new tokens
+LOOP = 16  # decode steps per timed call of JAX's loop
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -65,16 +68,21 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def step_times(model, params, rows: int, repeats: int) -> dict:
-    """ms per one-token decode step over `rows` rows after CACHED tokens, JAX and PyTorch."""
+    """ms per one-token decode step over `rows` rows after CACHED tokens: JAX per layer ("jax") and
+    scanned ("jax_scan"), each a 16-step jitted loop from the same cache (copied once per call), and PyTorch."""
     prompt = np.random.RandomState(0).randint(0, 50000, (rows, CACHED)).astype(np.int32)
     cache, _ = prefill(params, jnp.asarray(prompt), jnp.ones((rows, CACHED), jnp.int32), SLOTS)
-    token = jnp.ones((rows,), jnp.int32)
-    step = jax.jit(decode_step, donate_argnums=1)
-    state = {"cache": cache}
 
-    def run_jax():  # the cache rolls over its 96 slots: same shapes, same work every call
-        state["cache"], logits = step(params, state["cache"], token)
-        logits.block_until_ready()
+    @jax.jit
+    def loop(params, cache):
+        def step(_, state):
+            cache, logits = decode_step(params, *state)
+            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, LOOP, step, (cache, jnp.ones((rows,), jnp.int32)))[1]
+
+    layouts = {"jax": per_layer(params, cache), "jax_scan": (params, cache)}
+    jax_ms = {name: median_ms(lambda p=p, c=c: loop(p, c).block_until_ready(), repeats) / LOOP
+              for name, (p, c) in layouts.items()}
 
     with torch.inference_mode():
         past = model(torch.as_tensor(prompt, dtype=torch.long), use_cache=True).past_key_values
@@ -85,7 +93,7 @@ def step_times(model, params, rows: int, repeats: int) -> dict:
             model(token_t, cache=past, use_cache=True)
         past.crop(-1)  # back to CACHED tokens
 
-    return {"jax": median_ms(run_jax, repeats), "torch": median_ms(run_torch, repeats)}
+    return {**jax_ms, "torch": median_ms(run_torch, repeats)}
 
 
 def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
@@ -176,7 +184,7 @@ def bench(rows: int, model, params, hf_config, repeats: int) -> dict:
     mats = matmul_times(hf_config, rows, 3 * repeats)
     matmul_ms = {fw: sum(m["ms"][fw] * m["count"] for m in mats) for fw in ("jax", "torch")}
     return {"rows": rows, "step_ms": steps, "matmul_ms": matmul_ms,
-            "other_ms": {fw: steps[fw] - matmul_ms[fw] for fw in steps},
+            "other_ms": {fw: steps[fw] - matmul_ms[fw] for fw in matmul_ms},
             "attention_ms": attention_layouts(hf_config, rows, repeats),
             "step_speedup_vs_torch": steps["torch"] / steps["jax"],
             "matmul_speedup_vs_torch": matmul_ms["torch"] / matmul_ms["jax"], "matmuls": mats}
@@ -186,13 +194,16 @@ def markdown(rows: list[dict], shared: dict, info: dict) -> str:
     lines = ["# Where a beam step's time goes: the one-token decode step, JAX vs PyTorch (decode_step)", "",
              machine_line(info), "", f"Command: `{command_line()}`", "",
              (f"GPT-2 small, random weights shared by both frameworks, float32; one token per row after {CACHED} "
-              f"cached tokens (JAX: a {SLOTS}-slot cache, as in the 8 x 8 x 64 beam search; PyTorch: a "
-              "`DynamicCache` cut back after every call). Medians after a warm-up."), "",
-             ("| rows | step, JAX ms | step, PyTorch ms | PyTorch / JAX | matmuls, JAX ms | matmuls, PyTorch ms | "
-              "rest, JAX ms | rest, PyTorch ms |"), "|---|---|---|---|---|---|---|---|"]
+              f"cached tokens (JAX: a {SLOTS}-slot cache, as in the 8 x 8 x 64 beam search, {LOOP} steps per jitted "
+              "loop, weights and cache per layer (`per_layer`, the searches' layout with "
+              "MAKEMOST_DECODE_LAYERS=per_layer) and stacked under the layer scan (their default); "
+              "PyTorch: a `DynamicCache` cut back after every call). Medians after a warm-up."), "",
+             ("| rows | step, JAX ms | step, JAX scanned ms | step, PyTorch ms | PyTorch / JAX | matmuls, JAX ms | "
+              "matmuls, PyTorch ms | rest, JAX ms | rest, PyTorch ms |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, m, o = r["step_ms"], r["matmul_ms"], r["other_ms"]
-        lines.append(f"| {r['rows']} | {s['jax']:.1f} | {s['torch']:.1f} | {r['step_speedup_vs_torch']:.2f}x | "
+        lines.append(f"| {r['rows']} | {s['jax']:.1f} | {s['jax_scan']:.1f} | {s['torch']:.1f} | "
+                     f"{r['step_speedup_vs_torch']:.2f}x | "
                      f"{m['jax']:.1f} | {m['torch']:.1f} | {o['jax']:.1f} | {o['torch']:.1f} |")
     lines += ["", "Matmuls (ms each; GFLOP/s):", "", "| rows | matmul | (M, K, N) | x per step | JAX | PyTorch |",
               "|---|---|---|---|---|---|"]
@@ -203,8 +214,8 @@ def markdown(rows: list[dict], shared: dict, info: dict) -> str:
                          f"{m['ms']['torch']:.3f} ({m['gflop_per_s']['torch']:.0f}) |")
     names = list(rows[0]["attention_ms"])
     lines += ["", (f"Attention of one query over every layer's {SLOTS} cached slots, JAX only, by the layout of the cache "
-                   "(ms for all layers; the third is what `forward` runs today, the first what it ran before "
-                   "2026-12-06, the second before 2026-12-07):"), "",
+                   "(ms for all layers; the last is what the searches run per layer, the third what `forward` runs "
+                   "with stacked weights, the first what it ran before 2026-12-06, the second before 2026-12-07):"), "",
               "| rows | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {r['rows']} | " + " | ".join(f"{r['attention_ms'][n]:.1f}" for n in names) + " |" for r in rows]
     lines += ["", ("The score product q @ k over every layer of a beam search's shared buffer (8 prompts x 8 beams, "
@@ -245,7 +256,7 @@ def main(argv=None):
     info = {**machine(), "torch_threads": torch.get_num_threads()}
     tag = args.tag or (f"{jax.default_backend()}_quick" if args.quick else jax.default_backend())
     report = [report_row("beam", f"one-token decode step, GPT-2 small, {r['rows']} rows after {CACHED} cached, "
-                                 "PyTorch / JAX time",
+                                 "PyTorch / JAX (per layer) time",
                          f"step {r['step_speedup_vs_torch']:.2f}x, its matmuls alone {r['matmul_speedup_vs_torch']:.2f}x")
               for r in rows]
     kwargs = {} if args.out_dir is None else {"out_dir": args.out_dir}

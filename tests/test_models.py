@@ -127,6 +127,31 @@ def test_rows_sharing_buffers_equal_rows_with_their_own(hf, family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layers_held_per_layer_equal_the_scanned_stack(hf, family):
+    """`per_layer` (the searches' decode layout on CPU): the same logits and cache as the layer scan,
+    with rows that share buffers, gathers and a jitted step; stacked weights with a per-layer cache are refused."""
+    from makemost_jax.models.cache import branch_rows, gather_rows, stack_layers
+    from makemost_jax.models.model import per_layer
+
+    params = mm.load(str(getattr(hf, family)()))
+    tokens, mask = pad_prompts([TOKENS[0, :4], TOKENS[1, :7]], pad_id=0, bucket=1)
+    first = mm.forward(params, tokens, mask=mask, cache=mm.init_cache(params.config, 2, 7 + 3 * 3))
+    stacked = branch_rows(first.cache, 3)
+    layered_params, layered = per_layer(params, stacked)
+    assert len(layered_params["layers"]) == len(layered.k) == params.config.n_layers
+    step = jax.jit(lambda p, c, t: mm.forward(p, t, cache=c))
+    for i, new in enumerate(np.random.RandomState(2).randint(2, 101, (3, 6, 1))):
+        a, b = step(params, stacked, new), step(layered_params, layered, new)
+        np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=0)
+        parents = np.array([2, 0, 0, 4, 5, 3]) if i % 2 else np.array([1, 1, 2, 3, 3, 3])
+        stacked, layered = gather_rows(a.cache, parents), gather_rows(b.cache, parents)
+    np.testing.assert_allclose(stack_layers(layered).k, stacked.k, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(layered.positions, stacked.positions)
+    with pytest.raises(InputError, match="per layer"):
+        mm.forward(params, np.ones((6, 1), np.int32), cache=layered)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_logits_at_selected_positions_equal_the_full_logits(hf, family):
     """`logits_at` computes the head only where asked; the numbers are the full forward's there."""
     params = mm.load(str(getattr(hf, family)()))

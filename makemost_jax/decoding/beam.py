@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from makemost_jax.decoding.sampling import DecoderInputs, ban_pad, decode_step, decoder_inputs, prefill_forward
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, branch_rows, extend_slots, gather_rows
-from makemost_jax.models.model import forward
+from makemost_jax.models.model import decode_layout, forward
 from makemost_jax.models.types import Params
 
 LENGTH_NORMS = ("hf", "gnmt")
@@ -172,7 +172,7 @@ def _search(params, inputs: DecoderInputs, term, weight, length_penalty, min_len
         return t + k * min(end, n - 1)
 
     cache, logits_BV, hidden_BD = _prefill(params, inputs, slots(ends[0]), layer)
-    cache = branch_rows(cache, k)
+    params, cache = decode_layout(params, branch_rows(cache, k))
     repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
     prompts_RT, mask_RT = repeat(prompts_BT), repeat(mask_BT)
     start_R = t - mask_RT.sum(1)  # first real prompt slot (left padding)

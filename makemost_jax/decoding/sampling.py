@@ -39,7 +39,7 @@ import numpy as np
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models.cache import KVCache, cache_size, extend_slots, init_cache
 from makemost_jax.models.layers import rotary_switch_length
-from makemost_jax.models.model import forward
+from makemost_jax.models.model import decode_layout, forward
 from makemost_jax.models.types import ModelOutput, Params
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this
@@ -247,6 +247,7 @@ def _generate(params, inputs: DecoderInputs, key, temperature, done_B, *, max_ne
     b, t = inputs.prompts.shape
     size = cache_size(params.config, t, t + max_new_tokens)
     cache, logits_BV = prefill(params, inputs.prompts, inputs.prompt_mask, size, inputs.sources, inputs.source_mask)
+    params, cache = decode_layout(params, cache)
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits_BV, key=key,
                  tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                  logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),

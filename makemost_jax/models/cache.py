@@ -15,8 +15,9 @@ cross-attention keys and values, computed once per source, and the source's mask
 Keys and values are stored heads first, so a decode step's batched matmuls read each
 layer's cache as it lies: values (L, B, G, S, K), keys (L, B, G, K, S) with the slots last,
 which makes the score product q @ k a plain matmul. With the slots before the head
-dimension (q @ k^T), XLA's CPU matmul is far slower over a beam search's shared buffer (the
-scores of 8 x 8 beams over 536 slots, 12 layers, one core: 231 ms against 29 ms), and with
+dimension (q @ k^T), XLA's CPU matmul is slower over a beam search's shared buffer (the
+scores of 8 x 8 beams over 536 slots, 12 layers, one core: 231 ms against 29 ms in a first
+run, 64 against 43 ms in a later one), and with
 the slots before the heads (L, B, S, G, K) every step first transposed the whole cache
 (`benchmarks/bench_decode_step.py`).
 
@@ -81,7 +82,7 @@ class EncodedSource:
 @dataclasses.dataclass
 class KVCache:
     k: jax.Array  # (L, B, G, K, S), slots last; rotary keys are stored already rotated (B / n rows: shared)
-    v: jax.Array  # (L, B, G, S, K)
+    v: jax.Array  # (L, B, G, S, K); both may be held per layer instead (`split_layers`)
     positions: jax.Array  # (B, S) int32: position of the token in each slot, -1 if none
     fill: jax.Array  # () int32: tokens written so far; the next goes to slot fill % S
     next_position: jax.Array  # (B,) int32: position id of each row's next token
@@ -96,7 +97,7 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[self.SLOT_AXES["k"]]
+        return buffer_shape(self.k)[self.SLOT_AXES["k"]]
 
     @property
     def batch(self) -> int:
@@ -105,7 +106,7 @@ class KVCache:
     @property
     def rows_per_buffer(self) -> int:
         """Rows that share each row of the key/value buffers: 1, or n after `branch_rows`."""
-        return self.batch // self.k.shape[self.ROW_AXES["k"]]
+        return self.batch // buffer_shape(self.k)[self.ROW_AXES["k"]]
 
     @property
     def valid(self) -> jax.Array:
@@ -167,7 +168,9 @@ def _map_rows(cache, rows, buffers):
             return None
         if axis is None:
             return _map_rows(value, rows, buffers)
-        return buffers(value, axis, cache.batch) if name in type(cache).BUFFERS else rows(value, axis)
+        if name in type(cache).BUFFERS:
+            return jax.tree.map(lambda x: buffers(x, axis, cache.batch), value)  # one array, or one per layer
+        return rows(value, axis)
 
     return dataclasses.replace(cache, **{name: one(name, getattr(cache, name), axis)
                                          for name, axis in type(cache).ROW_AXES.items()})
@@ -261,5 +264,59 @@ def extend_slots(cache: KVCache, n: int) -> KVCache:
         widths[axis] = (0, n)
         return jnp.pad(x, widths, constant_values=-1 if x.dtype == jnp.int32 else 0)
 
-    return dataclasses.replace(cache, **{name: pad(getattr(cache, name), axis)
+    return dataclasses.replace(cache, **{name: jax.tree.map(lambda x, axis=axis: pad(x, axis), getattr(cache, name))
                                          for name, axis in KVCache.SLOT_AXES.items()})
+
+
+def buffer_shape(buffer) -> tuple:
+    """The (L, ...) shape of a key or value buffer, stacked or held per layer (`split_layers`).
+
+    Example:
+        >>> buffer_shape(jnp.zeros((2, 3, 4))), buffer_shape((jnp.zeros((1, 3, 4)),) * 5)
+        ((2, 3, 4), (5, 3, 4))
+    """
+    if isinstance(buffer, tuple):
+        return (len(buffer), *buffer[0].shape[1:])
+    return buffer.shape
+
+
+def split_layers(cache):
+    """`cache` with its key/value buffers (the encoded source's too) held per layer: tuples of L arrays
+    (1, ...), each shaped like the stacked buffer with one layer, so every axis keeps its index.
+
+    With per-layer weights (`models.model.per_layer`), `forward` then runs the layers unrolled,
+    each reading its own buffer where it lies; a scanned layer copies its slice of a stacked
+    buffer (and of the stacked weights) out first. `stack_layers` undoes it.
+
+    Example:
+        >>> from makemost_jax.models.config import from_hf_config
+        >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
+        ...                       "n_head": 4, "vocab_size": 100, "n_positions": 32})
+        >>> layered = split_layers(init_cache(cfg, batch=3, size=10))
+        >>> len(layered.k), layered.k[0].shape, layered.size, stack_layers(layered).v.shape
+        (2, (1, 3, 4, 16, 10), 10, (2, 3, 4, 10, 16))
+    """
+    def split(x):
+        return x if isinstance(x, tuple) else tuple(x[i:i + 1] for i in range(x.shape[0]))
+
+    return _map_buffers(cache, split)
+
+
+def stack_layers(cache):
+    """`cache` with per-layer key/value buffers (`split_layers`) stacked again: (L, ...) arrays.
+
+    Example:
+        >>> # cache = stack_layers(search_cache)
+    """
+    return _map_buffers(cache, lambda x: jnp.concatenate(x, axis=0) if isinstance(x, tuple) else x)
+
+
+def _map_buffers(cache, fn):
+    """`fn` on each key/value buffer of `cache` and of the caches nested in it (the encoded source)."""
+    def one(name, value, axis):
+        if value is None or name not in type(cache).BUFFERS and axis is not None:
+            return value
+        return _map_buffers(value, fn) if axis is None else fn(value)
+
+    return dataclasses.replace(cache, **{name: one(name, getattr(cache, name), axis)
+                                         for name, axis in type(cache).ROW_AXES.items()})

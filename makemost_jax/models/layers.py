@@ -689,6 +689,15 @@ def attention_context(positions_BT, attend_BTS=None, key_positions_BS=None) -> d
             "key_positions": positions_BT if key_positions_BS is None else key_positions_BS}
 
 
+def _layer(x, i: int):
+    """Layer i of a stacked array (L, ...) or of a tuple of per-layer arrays (1, ...)."""
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return x[i][0]  # dropping a unit axis: no copy
+    return x[i]
+
+
 def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGKS=None, v_LBGSK=None,
                return_hidden: bool = False, extra_kv=None, source_kv=None):
     """Run all L blocks under one `lax.scan`; returns (x, k, v, hidden or None).
@@ -702,6 +711,10 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGKS=
     query's attention by a per-head gate (see `attention` and `forward`). `source_kv`, for
     a decoder with cross-attention, is `(k_LBGKS, v_LBGSK)` of the encoded source
     (`project_source`); `ctx["source_attend"]` (B, 1, S) says which source slots are real.
+
+    Weights given as a tuple of L per-layer trees (`model.per_layer`) run unrolled, each
+    layer reading its weights and its buffers (stacked, or tuples of per-layer (1, ...)
+    arrays) where they lie; the scan copies every layer's slices out first.
 
     Example:
         >>> # x, k, v, _ = run_blocks(cfg, params["layers"], x, ctx, cache.k, cache.v)
@@ -725,6 +738,19 @@ def run_blocks(cfg: ModelConfig, layer_weights: dict, x_BTD, ctx: dict, k_LBGKS=
     policy = _LAYER_REMAT.get()
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # prevent_cse: not needed in scan
+    if isinstance(layer_weights, tuple):  # weights and buffers held per layer (`model.per_layer`): unrolled
+        outputs = []
+        for i, weights in enumerate(layer_weights):
+            layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
+            extra = None if extra_kv is None else tuple(a[i] for a in extra_kv)
+            source = None if source_kv is None else tuple(_layer(a, i) for a in source_kv)
+            x_BTD, out = step(x_BTD, (weights, layer, _layer(k_LBGKS, i), _layer(v_LBGSK, i), extra, source))
+            outputs.append(out)
+        k_LBGKT, v_LBGTK, hidden_LBTD = (None if out[0] is None else jnp.stack(out) for out in zip(*outputs))
+        # The new keys leave with the last layer's output: the caller's write into a layer's
+        # buffer then follows that layer's read, and XLA writes in place instead of copying it.
+        x_BTD, k_LBGKT, v_LBGTK = jax.lax.optimization_barrier((x_BTD, k_LBGKT, v_LBGTK))
+        return x_BTD, k_LBGKT, v_LBGTK, hidden_LBTD
     x_BTD, (k_LBGKT, v_LBGTK, hidden_LBTD) = jax.lax.scan(
         step, x_BTD, (layer_weights, per_layer, k_LBGKS, v_LBGSK, extra_kv, source_kv),
         unroll=cfg.n_layers if _LAYER_UNROLL.get() else 1)
