@@ -64,6 +64,7 @@ from makemost_jax.decoding.attributes import MinLength
 from makemost_jax.decoding.classifier import conditional_beam_search, init_classifier
 from makemost_jax.decoding.exact import exact_length_modes
 from makemost_jax.models import from_hf_config, params_from_hf
+from makemost_jax.models.model import decode_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def timed(fn):
 
 def compiled_search(call):
     """Run `call` (a beam_search-based call: compiles and runs once); return the compiled `beam._search` (the
-    same program compiled again, for its memory analysis) and {"analysis_seconds": that second compile's time}."""
+    same program compiled again, for its memory analysis) and the seconds that second compile took."""
     real, seen = beam._search, {}
 
     def spy(*args, **kwargs):
@@ -135,7 +136,7 @@ def compiled_search(call):
 
     with mock.patch.object(beam, "_search", spy):
         call()
-    return seen["compiled"], seen
+    return seen["compiled"], seen["analysis_seconds"]
 
 
 def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
@@ -181,8 +182,8 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
     # The first call compiles (and then compiles again for the memory analysis: timed apart).
     first, programs = {}, {}
     for name, call in (("beam", run_jax), ("cbs", run_cbs)):
-        first[name], (programs[name], first_run) = timed(lambda call=call: compiled_search(call))
-        first[name] -= first_run["analysis_seconds"]
+        first[name], (programs[name], analysis_seconds) = timed(lambda call=call: compiled_search(call))
+        first[name] -= analysis_seconds
     memory = {name: memory_mib(program) for name, program in programs.items()}
     run_torch(torch_threads[0], new_tokens=2)
     compiles = beam._search._cache_size()
@@ -256,7 +257,7 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
     flags = os.environ.get("XLA_FLAGS")
     lines = [f"# Search cost: makemost_jax beam search / CBS / exact search ({tag})", "",
              machine_line(info) + (f" XLA_FLAGS: `{flags}`." if flags else ""), "",
-             (f"Decode-loop layout: `{os.environ.get('MAKEMOST_DECODE_LAYERS', 'scan')}` (`models.model.decode_layout`: "
+             (f"Decode-loop layout: `{decode_layers()}` (`models.model.decode_layout`: "
               "`per_layer` holds weights and cache per layer and unrolls the layers, `scan` stacks and scans them)."),
              "",
              f"Command: `{command}`", "",
@@ -308,8 +309,8 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
 def report(rows: list[dict], exact: dict | None) -> list[dict]:
     out = []
     for r in rows:
-        layout = os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")
-        shape = f"{r['variant']}, {r['batch']} x {r['beams']} beams x {r['new_tokens']} tokens, {layout} decode loop"
+        shape = (f"{r['variant']}, {r['batch']} x {r['beams']} beams x {r['new_tokens']} tokens, "
+                 f"{decode_layers()} decode loop")
         speed = ", ".join(f"{x:.2f}x (PyTorch {n} thread{'s' * (n > 1)})" for n, x in r["speedup_vs_torch"].items())
         out.append(report_row("Beam search", f"JAX / HF generate speed-up, {shape}",
                               f"{speed}; {r['same_sequences_fraction']:.0%} same sequences"))
@@ -369,7 +370,7 @@ def main(argv=None):
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
     command = " ".join(["python benchmarks/bench_beam.py", *(argv if argv is not None else sys.argv[1:])])
     payload = {"machine_detail": info, "xla_flags": os.environ.get("XLA_FLAGS", ""), "beam": rows, "exact": exact,
-               "decode_layers": os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")}
+               "decode_layers": decode_layers()}
     path = write_results(f"beam_{tag}", payload, markdown(rows, exact, info, tag, command), report(rows, exact))
     print(f"wrote {path}")
     if exact:

@@ -147,7 +147,6 @@ def test_same_bucket_reuses_the_compiled_search(tiny_gpt2_dir):
     assert _search._cache_size() == compiled + 1
 
 
-
 def test_per_layer_decode_layout_gives_the_same_searches(tiny_gpt2_dir, monkeypatch):
     """MAKEMOST_DECODE_LAYERS=per_layer (weights and cache per layer, layers unrolled) changes no output."""
     from makemost_jax.decoding.sampling import _generate, generate

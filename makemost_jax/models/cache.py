@@ -296,10 +296,9 @@ def split_layers(cache):
         >>> len(layered.k), layered.k[0].shape, layered.size, stack_layers(layered).v.shape
         (2, (1, 3, 4, 16, 10), 10, (2, 3, 4, 10, 16))
     """
-    def split(x):
-        return x if isinstance(x, tuple) else tuple(x[i:i + 1] for i in range(x.shape[0]))
-
-    return _map_buffers(cache, split)
+    if isinstance(cache.k, tuple):
+        return cache
+    return _map_rows(cache, lambda x, axis: x, lambda x, axis, batch: tuple(x[i:i + 1] for i in range(x.shape[0])))
 
 
 def stack_layers(cache):
@@ -308,15 +307,6 @@ def stack_layers(cache):
     Example:
         >>> # cache = stack_layers(search_cache)
     """
-    return _map_buffers(cache, lambda x: jnp.concatenate(x, axis=0) if isinstance(x, tuple) else x)
-
-
-def _map_buffers(cache, fn):
-    """`fn` on each key/value buffer of `cache` and of the caches nested in it (the encoded source)."""
-    def one(name, value, axis):
-        if value is None or name not in type(cache).BUFFERS and axis is not None:
-            return value
-        return _map_buffers(value, fn) if axis is None else fn(value)
-
-    return dataclasses.replace(cache, **{name: one(name, getattr(cache, name), axis)
-                                         for name, axis in type(cache).ROW_AXES.items()})
+    # Per-layer buffers are a cache's only tuples.
+    return jax.tree.map(lambda x: jnp.concatenate(x, axis=0) if isinstance(x, tuple) else x, cache,
+                        is_leaf=lambda x: isinstance(x, tuple))

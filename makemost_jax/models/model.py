@@ -636,10 +636,20 @@ def decode_layout(params: Params, cache: KVCache) -> tuple[Params, KVCache]:
         >>> # MAKEMOST_DECODE_LAYERS=per_layer python run_experiment.py
         >>> # params, cache = decode_layout(params, cache)   # before a search's while_loop
     """
+    return per_layer(params, cache) if decode_layers() == "per_layer" else (params, cache)
+
+
+def decode_layers() -> str:
+    """The searches' decode-loop layout this process asks for: MAKEMOST_DECODE_LAYERS, "scan" by default.
+
+    Example:
+        >>> decode_layers() in ("scan", "per_layer")
+        True
+    """
     choice = os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")
     if choice not in ("per_layer", "scan"):
         raise ConfigError(f"MAKEMOST_DECODE_LAYERS={choice!r} must be scan (the default) or per_layer")
-    return per_layer(params, cache) if choice == "per_layer" else (params, cache)
+    return choice
 
 
 def token_logprobs(logits_BTV, targets_BT):
