@@ -64,7 +64,7 @@ from makemost_jax.decoding.attributes import MinLength
 from makemost_jax.decoding.classifier import conditional_beam_search, init_classifier
 from makemost_jax.decoding.exact import exact_length_modes
 from makemost_jax.models import from_hf_config, params_from_hf
-from makemost_jax.models.model import decode_layers
+from makemost_jax.models.model import per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +139,13 @@ def compiled_search(call):
     return seen["compiled"], seen["analysis_seconds"]
 
 
-def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
+def bench_beam(v: Variant, device: str, torch_threads: list[int], layout: str) -> dict:
     """JAX beam search and CBS vs HF generate at each PyTorch thread count, one variant.
 
-    The JAX warm-up is the compiling call; PyTorch's is a 2-token call. The outputs compared
-    are those of the last timed repeat.
+    `layout` "per_layer" holds the params per layer (`models.model.per_layer`, converted once
+    before any timing, as a process running many searches would) and the searches then run
+    the layers unrolled; "scan" keeps them stacked. The JAX warm-up is the compiling call;
+    PyTorch's is a 2-token call. The outputs compared are those of the last timed repeat.
     """
     model, params, hf_config = _model(v, device)
     seq2seq = v.family == "marian"
@@ -157,6 +159,9 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
     # An encoder-decoder reads the token rows as sources and starts from its decoder start token.
     prompts_jax, sources = (None, {"sources": prompts}) if seq2seq else (prompts, {})
     head = init_classifier(params, attribute=HEAD)
+    convert_seconds = 0.0
+    if layout == "per_layer":
+        convert_seconds, params = timed(lambda: jax.block_until_ready(per_layer(params)[0]))
     inputs = torch.as_tensor(prompts, dtype=torch.long, device=device)
     hf_extra = {"bad_words_ids": [[pad]], "forced_eos_token_id": None} if seq2seq else {}
 
@@ -222,7 +227,8 @@ def bench_beam(v: Variant, device: str, torch_threads: list[int]) -> dict:
         "cbs_over_beam": pairwise("cbs", "jax"),
         "same_sequences_fraction": same_rows, "max_score_diff": score_diff, "cbs_all_finished": cbs_ok,
         "compiles_during_repeats": beam._search._cache_size() - compiles,
-        "jax_memory_mib": memory, "first_call_seconds": first,
+        "jax_memory_mib": memory, "first_call_seconds": first, "decode_layers": layout,
+        "per_layer_conversion_seconds": convert_seconds,
     }
 
 
@@ -252,13 +258,14 @@ def bench_exact(max_length: int, node_budget: int, batch_size: int, rate_budget:
     }
 
 
-def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command: str) -> str:
+def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command: str, layout: str) -> str:
     threads = sorted({n for r in rows for n in r["speedup_vs_torch"]}, reverse=True)
     flags = os.environ.get("XLA_FLAGS")
     lines = [f"# Search cost: makemost_jax beam search / CBS / exact search ({tag})", "",
              machine_line(info) + (f" XLA_FLAGS: `{flags}`." if flags else ""), "",
-             (f"Decode-loop layout: `{decode_layers()}` (`models.model.decode_layout`: "
-              "`per_layer` holds weights and cache per layer and unrolls the layers, `scan` stacks and scans them)."),
+             (f"Decode-loop layout: `{layout}` (`models.model.decode_layout`: the searches run in the layout of "
+              "their params; `per_layer` params, converted once before timing, hold weights and cache per layer "
+              "and unroll the layers, stacked params (`scan`) scan them)."),
              "",
              f"Command: `{command}`", "",
              "## Beam search vs Hugging Face `generate(num_beams=K)`, and CBS", "",
@@ -306,11 +313,11 @@ def markdown(rows: list[dict], exact: dict | None, info: dict, tag: str, command
     return "\n".join(lines)
 
 
-def report(rows: list[dict], exact: dict | None) -> list[dict]:
+def report(rows: list[dict], exact: dict | None, layout: str) -> list[dict]:
     out = []
     for r in rows:
         shape = (f"{r['variant']}, {r['batch']} x {r['beams']} beams x {r['new_tokens']} tokens, "
-                 f"{decode_layers()} decode loop")
+                 f"{layout} decode loop")
         speed = ", ".join(f"{x:.2f}x (PyTorch {n} thread{'s' * (n > 1)})" for n, x in r["speedup_vs_torch"].items())
         out.append(report_row("Beam search", f"JAX / HF generate speed-up, {shape}",
                               f"{speed}; {r['same_sequences_fraction']:.0%} same sequences"))
@@ -340,11 +347,10 @@ def main(argv=None):
     parser.add_argument("--no-exact", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="PyTorch on CUDA (JAX uses its default backend)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: backend, + _quick)")
-    parser.add_argument("--decode-layers", choices=("scan", "per_layer"), default=None,
-                        help="the searches' decode-loop layout (MAKEMOST_DECODE_LAYERS; default: the library's)")
+    parser.add_argument("--decode-layers", choices=("scan", "per_layer"), default="scan",
+                        help="the searches' decode-loop layout: per_layer holds the params per layer "
+                             "(models.model.per_layer, once before timing); scan keeps them stacked")
     args = parser.parse_args(argv)
-    if args.decode_layers:
-        os.environ["MAKEMOST_DECODE_LAYERS"] = args.decode_layers  # read when the searches are traced
     if args.quick:
         args.variants, args.exact_length, args.exact_budget, args.rate_budget = "tiny", 2, 2_000, 128
     device = "cuda" if args.gpu else "cpu"
@@ -360,7 +366,7 @@ def main(argv=None):
         if args.torch_threads:
             variant = dataclasses.replace(variant, torch_threads=tuple(int(n) for n in args.torch_threads.split(",")))
         threads = list(dict.fromkeys(n or default_threads for n in variant.torch_threads))
-        rows.append(bench_beam(variant, device, threads))
+        rows.append(bench_beam(variant, device, threads, args.decode_layers))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "times"}), flush=True)
     exact = None
     if not args.no_exact:
@@ -370,8 +376,9 @@ def main(argv=None):
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
     command = " ".join(["python benchmarks/bench_beam.py", *(argv if argv is not None else sys.argv[1:])])
     payload = {"machine_detail": info, "xla_flags": os.environ.get("XLA_FLAGS", ""), "beam": rows, "exact": exact,
-               "decode_layers": decode_layers()}
-    path = write_results(f"beam_{tag}", payload, markdown(rows, exact, info, tag, command), report(rows, exact))
+               "decode_layers": args.decode_layers}
+    path = write_results(f"beam_{tag}", payload, markdown(rows, exact, info, tag, command, args.decode_layers),
+                         report(rows, exact, args.decode_layers))
     print(f"wrote {path}")
     if exact:
         b = exact["bare_expansion"]

@@ -6,11 +6,12 @@ script times, in one process on the same random GPT-2-small weights (float32, th
 
 1. the decode step: one token per row after 48 cached tokens; JAX `decode_step` inside one jitted loop of
    16 steps, as the searches run it, with the weights and cache held per layer (`models.model.per_layer`,
-   the searches' layout with MAKEMOST_DECODE_LAYERS=per_layer) and stacked under the layer scan (their
-   default), against Hugging Face's forward with a
+   the searches' layout for params held per layer) and stacked under the layer scan (stacked params'),
+   against Hugging Face's forward with a
    `DynamicCache` cut back to 48 tokens after every call;
 2. the step's matrix multiplications alone (per layer: QKV, attention output, MLP up and down; then the
-   vocabulary projection), each as a plain `a @ b` in both frameworks;
+   vocabulary projection), each as a plain `a @ b` in both frameworks, 16 dependent products per timed
+   call (JAX: one jitted loop; a jitted call per product would time JAX's dispatch);
 3. JAX's attention of one query over every layer's cache in four layouts: the stacked (L, B, S, H, K) the
    cache had until 2026-12-06, the heads-first (L, B, H, S, K) it had until 2026-12-07, today's heads-first
    values with the keys' slots last, (L, B, H, K, S), all three under the layer scan (which copies each
@@ -97,19 +98,34 @@ def step_times(model, params, rows: int, repeats: int) -> dict:
 
 
 def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
-    """ms of each matmul of one decode step (x the layers that run it), JAX and PyTorch, same inputs."""
+    """ms of each matmul of one decode step (x the layers that run it), JAX and PyTorch, same inputs.
+
+    Each is timed as LOOP dependent products (the next input takes a scalar of the last output), JAX
+    inside one jitted loop as the searches run it: a jitted call per product would time JAX's
+    per-call dispatch (about 0.5-1 ms here) instead of its matmul.
+    """
     d, f, v, layers = hf_config.n_embd, 4 * hf_config.n_embd, hf_config.vocab_size, hf_config.n_layer
     shapes = [("QKV", d, 3 * d, layers), ("attention output", d, d, layers), ("MLP up", d, f, layers),
               ("MLP down", f, d, layers), ("vocabulary", d, v, 1)]
     rng = np.random.default_rng(0)
-    matmul = jax.jit(jnp.matmul)
+
+    def chained(x, w):
+        return x + 1e-6 * (x @ w).mean()
+
+    jax_loop = jax.jit(lambda x, w: jax.lax.fori_loop(0, LOOP, lambda _, c: chained(c, w), x))
+
+    def torch_loop(x, w):
+        for _ in range(LOOP):
+            x = chained(x, w)
+        return x
+
     out = []
     for name, k, n, count in shapes:
         x, w = rng.standard_normal((rows, k), np.float32), 0.02 * rng.standard_normal((k, n), np.float32)
         xj, wj, xt, wt = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
         with torch.inference_mode():
-            ms = {"jax": median_ms(lambda a=xj, b=wj: matmul(a, b).block_until_ready(), repeats),
-                  "torch": median_ms(lambda a=xt, b=wt: a @ b, repeats)}
+            ms = {"jax": median_ms(lambda a=xj, b=wj: jax_loop(a, b).block_until_ready(), repeats) / LOOP,
+                  "torch": median_ms(lambda a=xt, b=wt: torch_loop(a, b), repeats) / LOOP}
         out.append({"matmul": name, "shape": [rows, k, n], "count": count, "ms": ms,
                     "gflop_per_s": {fw: 2 * rows * k * n / (t * 1e6) for fw, t in ms.items()}})
     return out
@@ -195,8 +211,8 @@ def markdown(rows: list[dict], shared: dict, info: dict) -> str:
              machine_line(info), "", f"Command: `{command_line()}`", "",
              (f"GPT-2 small, random weights shared by both frameworks, float32; one token per row after {CACHED} "
               f"cached tokens (JAX: a {SLOTS}-slot cache, as in the 8 x 8 x 64 beam search, {LOOP} steps per jitted "
-              "loop, weights and cache per layer (`per_layer`, the searches' layout with "
-              "MAKEMOST_DECODE_LAYERS=per_layer) and stacked under the layer scan (their default); "
+              "loop, weights and cache per layer (`per_layer`, the searches' layout for params held per layer) "
+              "and stacked under the layer scan (for stacked params); "
               "PyTorch: a `DynamicCache` cut back after every call). Medians after a warm-up."), "",
              ("| rows | step, JAX ms | step, JAX scanned ms | step, PyTorch ms | PyTorch / JAX | matmuls, JAX ms | "
               "matmuls, PyTorch ms | rest, JAX ms | rest, PyTorch ms |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -205,7 +221,8 @@ def markdown(rows: list[dict], shared: dict, info: dict) -> str:
         lines.append(f"| {r['rows']} | {s['jax']:.1f} | {s['jax_scan']:.1f} | {s['torch']:.1f} | "
                      f"{r['step_speedup_vs_torch']:.2f}x | "
                      f"{m['jax']:.1f} | {m['torch']:.1f} | {o['jax']:.1f} | {o['torch']:.1f} |")
-    lines += ["", "Matmuls (ms each; GFLOP/s):", "", "| rows | matmul | (M, K, N) | x per step | JAX | PyTorch |",
+    lines += ["", (f"Matmuls (ms each, from {LOOP} dependent products per timed call, JAX's in one jitted loop; "
+                   "GFLOP/s):"), "", "| rows | matmul | (M, K, N) | x per step | JAX | PyTorch |",
               "|---|---|---|---|---|---|"]
     for r in rows:
         for m in r["matmuls"]:

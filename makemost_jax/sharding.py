@@ -154,10 +154,11 @@ def logical_axes(params) -> Any:
     Example:
         >>> # logical_axes(params)["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "q_heads")
     """
-    from makemost_jax.models.model import weight_axes
+    from makemost_jax.models.model import require_stacked, weight_axes
     from makemost_jax.models.types import Params
 
     if isinstance(params, Params):
+        require_stacked(params, "sharding")
         axes_tree = weight_axes(params.config, params.weights)
     elif hasattr(params, "logical_axes"):
         axes_tree = params.logical_axes()

@@ -367,6 +367,8 @@ def init_state(params, config: TrainConfig, mesh=None) -> TrainState:
     Example:
         >>> # state = init_state(mm.load(path), TrainConfig(), mesh=make_mesh(MeshConfig(fsdp=-1)))
     """
+    if isinstance(params, models.Params):
+        models.model.require_stacked(params, "training (init_state)")
     tx, _ = make_optimizer(config)
     if mesh is None:
         return TrainState.create(params, tx, config.seed)

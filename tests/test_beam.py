@@ -147,25 +147,27 @@ def test_same_bucket_reuses_the_compiled_search(tiny_gpt2_dir):
     assert _search._cache_size() == compiled + 1
 
 
-def test_per_layer_decode_layout_gives_the_same_searches(tiny_gpt2_dir, monkeypatch):
-    """MAKEMOST_DECODE_LAYERS=per_layer (weights and cache per layer, layers unrolled) changes no output."""
-    from makemost_jax.decoding.sampling import _generate, generate
+def test_params_held_per_layer_give_the_same_searches(tiny_gpt2_dir, tmp_path):
+    """Searches run in the layout of their params: held per layer (`per_layer`: weights and cache per
+    layer, layers unrolled) they give the same outputs as stacked; `stacked` undoes it exactly, and
+    what needs stacked weights (export, sharding, training) says so."""
+    from makemost_jax.decoding.sampling import generate
+    from makemost_jax.sharding import logical_axes
+    from makemost_jax.training import TrainConfig, init_state
 
     params = mm.load(str(tiny_gpt2_dir))
+    layered, _ = mm.per_layer(params)
     kw = {"beams": 4, "max_new_tokens": N}
-    runs = {}
-    for layout in ("scan", "per_layer"):
-        monkeypatch.setenv("MAKEMOST_DECODE_LAYERS", layout)
-        _search.clear_cache(), _generate.clear_cache()  # the layout is read when the loops are traced
-        runs[layout] = beam_search(params, ROWS, **kw), generate(params, ROWS, max_new_tokens=N)
-    for scanned, layered in zip(*runs.values()):
-        np.testing.assert_array_equal(layered.tokens, scanned.tokens)
-        np.testing.assert_allclose(layered.logprobs, scanned.logprobs, atol=1e-5, rtol=0)
-    monkeypatch.setenv("MAKEMOST_DECODE_LAYERS", "unrolled")
-    _search.clear_cache()
-    with pytest.raises(ConfigError, match="MAKEMOST_DECODE_LAYERS='unrolled' must be scan"):
-        beam_search(params, ROWS, **kw)
-    _search.clear_cache(), _generate.clear_cache()
+    for scanned, held in ((beam_search(params, ROWS, **kw), beam_search(layered, ROWS, **kw)),
+                          (generate(params, ROWS, max_new_tokens=N), generate(layered, ROWS, max_new_tokens=N))):
+        np.testing.assert_array_equal(held.tokens, scanned.tokens)
+        np.testing.assert_allclose(held.logprobs, scanned.logprobs, atol=1e-5, rtol=0)
+    jax.tree.map(np.testing.assert_array_equal, mm.stacked(layered).weights, params.weights)
+    for refused in (lambda: mm.save_hf(layered, tmp_path / "out"), lambda: logical_axes(layered),
+                    lambda: init_state(layered, TrainConfig())):
+        with pytest.raises(InputError, match=r"each layer on its own \(per_layer\): pass stacked\(params\)"):
+            refused()
+
 
 def reference_cbs(params, rows, term, attribute, *, beams, n, eos, weight, prefilter):
     """Conditional beam search written plainly: full forward per step, Python lists, same rules."""

@@ -114,6 +114,8 @@ def test_greedy_equals_transformers(case):
     reference = case.hf_generate(max_new_tokens=NEW, min_new_tokens=NEW, num_beams=1, eos_token_id=None)
     np.testing.assert_array_equal(np.asarray(ours.tokens), reference[:, 1:].numpy(), err_msg=case.name)
     assert not np.any(np.asarray(ours.tokens) == case.pad)
+    held = mm.generate(mm.per_layer(case.params)[0], sources=SOURCES, max_new_tokens=NEW)  # layers unrolled
+    np.testing.assert_array_equal(np.asarray(held.tokens), reference[:, 1:].numpy(), err_msg=case.name)
 
 
 def _ending_token(case) -> int:

@@ -128,7 +128,7 @@ def test_rows_sharing_buffers_equal_rows_with_their_own(hf, family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_layers_held_per_layer_equal_the_scanned_stack(hf, family):
-    """`per_layer` (the searches' decode layout with MAKEMOST_DECODE_LAYERS=per_layer): the same logits and cache
+    """`per_layer` (the searches' decode layout for params held per layer): the same logits and cache
     as the layer scan, with rows that share buffers, gathers and a jitted step; stacked weights with a per-layer
     cache are refused."""
     from makemost_jax.models.cache import branch_rows, gather_rows, stack_layers

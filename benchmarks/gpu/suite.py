@@ -11,8 +11,8 @@ settings, casts to the suite's dtype, moves PyTorch to the GPU and writes the ro
 - forward: scoring forward vs HF PyTorch eager/SDPA (`bench_forward.bench_shape`), MFU;
 - greedy: greedy decoding (`generate`, one `while_loop`) vs HF `generate(do_sample=False)`;
 - beam: beam search and CBS vs HF `generate(num_beams=K)` at batch 8 x 8 beams x 64 tokens
-  (`bench_beam.bench_beam`; HF has no CBS, so CBS is timed against HF beam search and
-  against our own beam search);
+  (`bench_beam.bench_beam`, params held per layer; HF has no CBS, so CBS is timed against HF
+  beam search and against our own beam search);
 - exact: exact search nodes/s (budget-bound, no seed: the bare expansion rate; and the
   length modes 0..3 with the beam-search seed) against batched one-token decoding of the
   same architecture at the same batch (HF PyTorch with a KV cache; JAX's own rate too);
@@ -414,11 +414,13 @@ def step_beam(ctx: Context):
 
     threads = torch.get_num_threads()
     with mock.patch.object(bench_beam, "_model", model_in_dtype):
-        r = bench_beam.bench_beam(variant, ctx.device, [threads])
+        # Params held per layer, as a process that runs many searches would (the CPU benchmarks' rows).
+        r = bench_beam.bench_beam(variant, ctx.device, [threads], "per_layer")
     r["dtype"] = ctx.dtype
     ctx.details["beam"] = {k: v for k, v in r.items() if k != "times"}
     sec, ref = r["seconds"], f"torch_{threads}"
-    setting = f"{variant.name}, {variant.batch} x {variant.beams} beams x {variant.new_tokens} tokens"
+    setting = (f"{variant.name}, {variant.batch} x {variant.beams} beams x {variant.new_tokens} tokens, "
+               "params per layer")
     ctx.add("beam", setting, sec["jax"], "HF PyTorch generate(num_beams=K)", sec[ref],
             same_sequences_fraction=r["same_sequences_fraction"], max_score_diff=r["max_score_diff"],
             speedup_median_pairwise=r["speedup_vs_torch"][threads], peak_mib=r["jax_memory_mib"]["beam"]["peak"],

@@ -85,8 +85,10 @@ def to_hf(params: Params) -> tuple[dict, dict[str, LazyTensor]]:
     Example:
         >>> # config, tensors = to_hf(mm.load()); tensors["model.embed_tokens.weight"].shape == (49152, 576)
     """
+    from makemost_jax.models.model import require_stacked
     from makemost_jax.models.registry import family_for
 
+    require_stacked(params, "save_hf / to_hf")
     cfg = params.config
     family = family_for(cfg.hf_model_type or cfg.family)
     hf_config = family.config_to_hf(cfg)
@@ -226,6 +228,9 @@ def save_orbax(params: Params, folder: str | os.PathLike) -> str:
     Example:
         >>> # save_orbax(params, "runs/llama-orbax"); restore_orbax("runs/llama-orbax", mesh=mesh)
     """
+    from makemost_jax.models.model import require_stacked
+
+    require_stacked(params, "save_orbax")
     meta = {"format": PARAMS_FORMAT, "config": params.config.to_dict(), "dtype": np.dtype(params.dtype).name}
     return save_bundle(os.fspath(folder), meta, weights=params.weights)
 

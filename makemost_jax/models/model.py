@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -410,7 +409,10 @@ def encode_source(params: Params, encoder_tokens, encoder_mask=None) -> EncodedS
         >>> # forward(params, tokens_BT, source=source)                  # any number of decoder calls
     """
     states_BSD = encode(params, encoder_tokens, encoder_mask)
-    k, v = project_source(params.config, params.weights["layers"]["cross_attn"], states_BSD)
+    layers = params.weights["layers"]
+    cross = (jax.tree.map(lambda *w: jnp.stack(w), *(layer["cross_attn"] for layer in layers))
+             if is_per_layer(params) else layers["cross_attn"])
+    k, v = project_source(params.config, cross, states_BSD)
     b, s = states_BSD.shape[:2]
     mask_BS = jnp.ones((b, s), bool) if encoder_mask is None else jnp.asarray(encoder_mask).astype(bool)
     return EncodedSource(k=k, v=v, mask=mask_BS)
@@ -593,10 +595,12 @@ def per_layer(params: Params, cache: KVCache | None = None) -> tuple[Params, KVC
     `forward` then runs the layers unrolled, and every layer reads its weights and its
     cache where they lie. Scanned, a layer first copies its slice of the stacked weights
     and buffers out (XLA's CPU matmuls read only whole buffers): GPT-2 small's one-token
-    step inside a jitted loop, one core, took 97 ms this way against 131 ms scanned at 4
-    rows, and 342 against 434 ms at 64 rows (`benchmarks/bench_decode_step.py`). The price
-    is compile time that grows with depth, which only many calls repay: the searches use
-    it when asked (`decode_layout`). The arguments of `forward` are otherwise unchanged.
+    step inside a jitted loop, one core, took 71.5 ms this way against 93.0 ms scanned at 4
+    rows, 268 against 363 ms at 64 (`benchmarks/bench_decode_step.py`). The searches run in the layout
+    of the params they are given (`decode_layout`), so a process that runs many searches
+    converts once: `params, _ = per_layer(params)`. The price is compile time that grows
+    with depth. The other arguments of `forward` are unchanged; training, sharding and
+    export take stacked weights (`stacked`).
 
     Example:
         >>> from makemost_jax.models.config import from_hf_config
@@ -605,51 +609,70 @@ def per_layer(params: Params, cache: KVCache | None = None) -> tuple[Params, KVC
         >>> params = init_params(cfg, jax.random.key(0))
         >>> cache = forward(params, jnp.array([[1, 2]]), cache=init_cache(cfg, 1, 4)).cache
         >>> layered, layered_cache = per_layer(params, cache)
-        >>> len(layered["layers"]), len(layered_cache.k)
-        (2, 2)
+        >>> len(layered["layers"]), len(layered_cache.k), is_per_layer(layered)
+        (2, 2, True)
         >>> step, layered_step = (forward(p, jnp.array([[3]]), cache=c).logits for p, c in
         ...                       ((params, cache), (layered, layered_cache)))
         >>> bool(jnp.allclose(step, layered_step, atol=1e-6))
         True
     """
     weights = params.weights
-    if not isinstance(weights["layers"], tuple):
-        stacked = weights["layers"]
-        weights = {**weights, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked)
+    if not is_per_layer(params):
+        stacked_layers = weights["layers"]
+        weights = {**weights, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked_layers)
                                               for i in range(params.config.n_layers))}
     return Params(params.config, weights), None if cache is None else split_layers(cache)
 
 
-def decode_layout(params: Params, cache: KVCache) -> tuple[Params, KVCache]:
-    """The layout a search's decode loop runs in: stacked and scanned unless MAKEMOST_DECODE_LAYERS=per_layer.
-
-    `per_layer` is a throughput setting: each step runs faster on CPU, but the loop compiles
-    with every layer unrolled. On this repository's 2-core CPU, SmolLM2-135M (30 layers), a
-    beam search of 4 beams x 64 tokens took 4.06 s a call instead of 4.51 s, after a first
-    call (compile and run) of 30.1 s instead of 8.8 s; GPT-2 small (12 layers) at 8 prompts x
-    8 beams x 64 tokens, 13.9 s a call instead of 15.0 s, for about 9 s more compile. So it pays when a
-    process runs the same search shapes many times (benchmarks, experiments over a dataset),
-    and the default keeps the scan: compile time flat in depth, the better choice for a
-    one-off search. Read when a search is traced (set it before the first call).
+def stacked(params: Params) -> Params:
+    """`params` with per-layer weights (`per_layer`) stacked again: every leaf under
+    `weights["layers"]` (L, ...). Stacked params are returned as they are.
 
     Example:
-        >>> # MAKEMOST_DECODE_LAYERS=per_layer python run_experiment.py
+        >>> # params = stacked(search_params)   # before training, sharding or export
+    """
+    if not is_per_layer(params):
+        return params
+    layers = jax.tree.map(lambda *w: jnp.stack(w), *params.weights["layers"])
+    return Params(params.config, {**params.weights, "layers": layers})
+
+
+def is_per_layer(params: Params) -> bool:
+    """Whether `params` hold each layer's weights on their own (`per_layer`).
+
+    Example:
+        >>> # is_per_layer(per_layer(params)[0])   # True
+    """
+    return isinstance(params.weights["layers"], tuple)
+
+
+def require_stacked(params: Params, caller: str) -> None:
+    """Raise `InputError` where `caller` needs stacked layer weights but was given per-layer ones.
+
+    Example:
+        >>> # require_stacked(params, "save_hf")
+    """
+    if is_per_layer(params):
+        raise InputError(f"{caller} takes stacked layer weights, but these params hold each layer on its "
+                         "own (per_layer): pass stacked(params)")
+
+
+def decode_layout(params: Params, cache: KVCache) -> tuple[Params, KVCache]:
+    """The layout a search's decode loop runs in: that of `params`.
+
+    Stacked params run the layers under a scan (compile time flat in depth: the choice for a
+    one-off search, as the CLI's). Params held per layer (`per_layer`, converted once by the
+    caller) run them unrolled, and the cache is split per layer to match: each step is
+    faster on CPU, the first call compiles longer. `benchmarks/bench_beam.py --decode-layers`,
+    GPT-2 small on one core: 8 prompts x 8 beams x 64 tokens took 15.3 s a call per layer
+    against 18.9 s scanned, 1 x 4 x 32 2.21 against 2.49 s; a first call on 2 cores 16.9
+    against 13.3 s. SmolLM2-135M (30 layers, 2 cores): greedy `generate` of 64 tokens 1.93
+    against 2.65 s a call after a first call of 8.9 against 4.2 s.
+
+    Example:
         >>> # params, cache = decode_layout(params, cache)   # before a search's while_loop
     """
-    return per_layer(params, cache) if decode_layers() == "per_layer" else (params, cache)
-
-
-def decode_layers() -> str:
-    """The searches' decode-loop layout this process asks for: MAKEMOST_DECODE_LAYERS, "scan" by default.
-
-    Example:
-        >>> decode_layers() in ("scan", "per_layer")
-        True
-    """
-    choice = os.environ.get("MAKEMOST_DECODE_LAYERS", "scan")
-    if choice not in ("per_layer", "scan"):
-        raise ConfigError(f"MAKEMOST_DECODE_LAYERS={choice!r} must be scan (the default) or per_layer")
-    return choice
+    return (params, split_layers(cache)) if is_per_layer(params) else (params, cache)
 
 
 def token_logprobs(logits_BTV, targets_BT):

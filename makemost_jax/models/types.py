@@ -27,7 +27,8 @@ class Params:
     """A model's weights as a nested dict of arrays, with its config as static metadata.
 
     Layer weights are stacked: every leaf under `weights["layers"]` has a leading
-    L axis. Kernels are (in, out).
+    L axis; `model.per_layer` holds them as a tuple of L trees instead, for decoding.
+    Kernels are (in, out).
     """
 
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
