@@ -643,7 +643,7 @@ def is_per_layer(params: Params) -> bool:
     Example:
         >>> # is_per_layer(per_layer(params)[0])   # True
     """
-    return isinstance(params.weights["layers"], tuple)
+    return isinstance(params.weights.get("layers"), tuple)
 
 
 def require_stacked(params: Params, caller: str) -> None:
