@@ -410,8 +410,7 @@ def encode_source(params: Params, encoder_tokens, encoder_mask=None) -> EncodedS
     """
     states_BSD = encode(params, encoder_tokens, encoder_mask)
     layers = params.weights["layers"]
-    cross = (jax.tree.map(lambda *w: jnp.stack(w), *(layer["cross_attn"] for layer in layers))
-             if is_per_layer(params) else layers["cross_attn"])
+    cross = _stack([layer["cross_attn"] for layer in layers]) if is_per_layer(params) else layers["cross_attn"]
     k, v = project_source(params.config, cross, states_BSD)
     b, s = states_BSD.shape[:2]
     mask_BS = jnp.ones((b, s), bool) if encoder_mask is None else jnp.asarray(encoder_mask).astype(bool)
@@ -633,8 +632,12 @@ def stacked(params: Params) -> Params:
     """
     if not is_per_layer(params):
         return params
-    layers = jax.tree.map(lambda *w: jnp.stack(w), *params.weights["layers"])
-    return Params(params.config, {**params.weights, "layers": layers})
+    return Params(params.config, {**params.weights, "layers": _stack(params.weights["layers"])})
+
+
+def _stack(trees):
+    """One tree of (L, ...) arrays from L trees of the same structure."""
+    return jax.tree.map(lambda *w: jnp.stack(w), *trees)
 
 
 def is_per_layer(params: Params) -> bool:
