@@ -628,7 +628,13 @@ def stacked(params: Params) -> Params:
     `weights["layers"]` (L, ...). Stacked params are returned as they are.
 
     Example:
-        >>> # params = stacked(search_params)   # before training, sharding or export
+        >>> from makemost_jax.models.config import from_hf_config
+        >>> cfg = from_hf_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 2,
+        ...                       "n_head": 2, "vocab_size": 10, "n_positions": 8})
+        >>> params = init_params(cfg, jax.random.key(0))
+        >>> back = stacked(per_layer(params)[0])   # before training, sharding or export
+        >>> jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back.weights, params.weights))
+        True
     """
     if not is_per_layer(params):
         return params
