@@ -287,7 +287,7 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_inputs(cfg: ModelConfig, tokens_BT, cache, layer_weights, write_cache: bool = True):
+def _check_inputs(cfg: ModelConfig, tokens_BT, cache, weights_per_layer: bool, write_cache: bool = True):
     """Raise `InputError` for shapes and values that would silently go wrong.
 
     Value checks run only on concrete arrays (outside `jit`); shape checks always.
@@ -304,7 +304,7 @@ def _check_inputs(cfg: ModelConfig, tokens_BT, cache, layer_weights, write_cache
                              f"cache need keys {KV_AXES['k']} = {want['k']} and values {KV_AXES['v']} = "
                              f"{want['v']}, with a batch that divides the {cache.batch} rows: build caches "
                              "with init_cache (and branch_rows)")
-        if isinstance(cache.k, tuple) and not isinstance(layer_weights, tuple):
+        if isinstance(cache.k, tuple) and not weights_per_layer:
             raise InputError("the cache holds its keys/values per layer (split_layers) but the weights are "
                              "stacked: pass per_layer(params, cache) for both, or stack_layers(cache)")
         if not write_cache:  # only read: the new tokens need no room
@@ -486,7 +486,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     cfg = params.config
     weights = params.weights
     tokens_BT = jnp.asarray(tokens)
-    _check_inputs(cfg, tokens_BT, cache, weights["layers"], write_cache)
+    _check_inputs(cfg, tokens_BT, cache, is_per_layer(params), write_cache)
     b, t = tokens_BT.shape
     mask_BT = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask_BT.shape != (b, t):
