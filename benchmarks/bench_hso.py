@@ -15,6 +15,11 @@ repeats, ratios printed last:
    (lr=0 loop without gradients), the PyTorch reference's, the number of compilations
    the whole text cost, and the compiled loop's memory.
 
+`--layers per_layer` (the default) runs both with the weights and the cache held per layer
+(`mm.per_layer`, converted once before timing): the layers unrolled, no per-layer weight
+slices copied out of the stacked arrays at every segment; `--layers scan` keeps them stacked
+under the layer scan (faster to compile).
+
 Results: `benchmarks/results/hso_<tag>.json` and `.md` with the machine described.
 
 Example:
@@ -69,7 +74,7 @@ def timed(fn):
 # ---------------------------------------------------------------- 1. probe
 
 
-def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
+def bench_probe(segment: int, cache: int, batch: int, repeats: int, layers: str) -> dict:
     """One value-and-gradient of a segment's NLL w.r.t. the cache, GPT-2-small shape."""
     torch.manual_seed(0)
     hf_config = SHAPES["gpt2-small"]()
@@ -86,6 +91,9 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
         return jnp.moveaxis(jnp.asarray(np.stack([t.numpy() for t in per_layer])), 3, KVCache.SLOT_AXES[name])
 
     kv = (to_jax(state_t.keys, "k"), to_jax(state_t.values, "v"))
+    if layers == "per_layer":
+        params = jax.block_until_ready(mm.per_layer(params)[0])
+        kv = tuple(tuple(x[i:i + 1] for i in range(x.shape[0])) for x in kv)
     state = HSOState(past=kv, base=None, positions=jnp.broadcast_to(jnp.arange(cache, dtype=jnp.int32), (batch, cache)),
                      fill=jnp.int32(cache),
                      next_position=jnp.full((batch,), cache, jnp.int32), adam=None)
@@ -103,14 +111,16 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int) -> dict:
     (loss_j, grads_j), (loss_t, grads_t) = run_jax(), run_torch()  # warm-up, and a parity check
     grad_t = np.stack([g.numpy() for g in grads_t[:len(grads_t) // 2]])
     grad_scale = float(np.abs(grad_t).max())
-    grad_j = np.moveaxis(np.asarray(grads_j[0]), KVCache.SLOT_AXES["k"], 3)  # as PyTorch's (L, B, H, C, K)
+    grad_k = grads_j[0] if layers == "scan" else jnp.concatenate(grads_j[0])
+    grad_j = np.moveaxis(np.asarray(grad_k), KVCache.SLOT_AXES["k"], 3)  # as PyTorch's (L, B, H, C, K)
     grad_diff = float(np.abs(grad_j - grad_t).max()) / grad_scale
     jax_times, torch_times = [], []
     for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
         jax_times.append(timed(run_jax)[0])
         torch_times.append(timed(run_torch)[0])
     ratios = [t / j for j, t in zip(jax_times, torch_times)]
-    return {"shape": "gpt2-small", "segment": segment, "cache": cache, "batch": batch, "repeats": repeats,
+    return {"shape": "gpt2-small", "layers": layers, "segment": segment, "cache": cache, "batch": batch,
+            "repeats": repeats,
             "jax_ms": 1e3 * statistics.median(jax_times), "torch_ms": 1e3 * statistics.median(torch_times),
             "speedup_median_pairwise": statistics.median(ratios),
             "loss_rel_diff": abs(float(loss_j) - float(loss_t)) / abs(float(loss_t)),
@@ -151,9 +161,12 @@ def segment_flops(params, cfg: HSOConfig, segments: Segments) -> dict:
     return {**out, **{f"{k}_vs_lr0": v / out["lr0"] for k, v in out.items() if k != "lr0"}}
 
 
-def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps: int, repeats: int) -> dict:
+def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps: int, repeats: int,
+                   layers: str) -> dict:
     """tokens/s of the whole loop: JAX with HSO on and off, the PyTorch reference; compiles; memory."""
     params, tokenizer, model, gguf_name = default_models()
+    if layers == "per_layer":
+        params = jax.block_until_ready(mm.per_layer(params)[0])
     ids = np.asarray(tokenizer.encode_for_model(read_sample("austen")))
     if len(ids) < n_tokens:
         raise SystemExit(f"the Austen sample has {len(ids)} tokens; ask for at most that many")
@@ -186,7 +199,8 @@ def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps
     n_scored = int(counts.sum())
     tps = {name: n_scored / statistics.median(t) for name, t in times.items()}
     return {
-        "model": f"SmolLM2-135M ({gguf_name}, float32)", "text": "austen (bundled sample)", "n_tokens": n_tokens,
+        "model": f"SmolLM2-135M ({gguf_name}, float32)", "layers": layers, "text": "austen (bundled sample)",
+        "n_tokens": n_tokens,
         "n_scored": n_scored, "n_segments": int(counts.shape[1]), "segment": segment, "cache": cache, "lr": lr,
         "hso_steps": hso_steps, "recompute": cfg.recompute, "repeats": repeats,
         "tokens_per_s": tps,
@@ -213,7 +227,8 @@ def report_rows(payload: dict) -> list[dict]:
     """Headline rows for docs/RESULTS.md: speed against the PyTorch reference and the cost of HSO."""
     p, w = payload["probe"], payload["protocol"]
     return [report_row("HSO", f"cache-gradient probe speed-up vs PyTorch, {p['shape']}, segment {p['segment']}, "
-                              f"cache {p['cache']}", f"{p['speedup_median_pairwise']:.2f}x"),
+                              f"cache {p['cache']}, layers {p.get('layers', 'scan')}",
+                       f"{p['speedup_median_pairwise']:.2f}x"),
             report_row("HSO", f"whole-text loop vs PyTorch, {w['model'].split(' ')[0]}, {w['n_tokens']} tokens",
                        f"HSO {w['speedup_hso_vs_torch']:.2f}x, lr=0 {w['speedup_lr0_vs_torch']:.2f}x; ppl JAX "
                        f"{w['ppl']['jax_hso']:.2f} / PyTorch {w['ppl']['torch_hso']:.2f}"),
@@ -236,7 +251,8 @@ def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: st
         f"Command: `{command}`", "",
         "## Probe: one HSO step (value and gradient of a segment's NLL w.r.t. the KV cache)", "",
         (f"GPT-2-small shape, random weights, segment {p['segment']} after {p['cache']} cached tokens, batch "
-        f"{p['batch']}; median of {p['repeats']} interleaved repeats; PyTorch attention: {p['torch_attention']}."), "",
+        f"{p['batch']}, JAX layers {p.get('layers', 'scan')}; median of {p['repeats']} interleaved repeats; PyTorch "
+        f"attention: {p['torch_attention']}."), "",
         ("| JAX ms | PyTorch ms | speed-up (median of pairwise) | loss rel. diff | key-grad max diff (rel.) "
         "| JAX peak MiB (args + temps + outputs) |"),
         "|---|---|---|---|---|---|",
@@ -244,7 +260,8 @@ def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: st
         f"| {p['key_grad_max_diff_rel']:.1e} | {p['jax_memory_mib']['peak']} ({p['jax_memory_mib']['arguments']} + "
         f"{p['jax_memory_mib']['temporaries']} + {p['jax_memory_mib']['outputs']}) |"), "",
         "## Protocol: the whole HSO loop on a real text", "",
-        (f"{w['model']}, {w['text']}: {w['n_tokens']} tokens, {w['n_segments']} segments of {w['segment']}, cache "
+        (f"{w['model']}, JAX layers {w.get('layers', 'scan')}, {w['text']}: {w['n_tokens']} tokens, "
+        f"{w['n_segments']} segments of {w['segment']}, cache "
         f"{w['cache']}, lr {w['lr']}, hso_steps {w['hso_steps']}, recompute {w['recompute']}; median of "
         f"{w['repeats']} repeats (compilation excluded)."), "",
         "| loop | tokens/s | perplexity |", "|---|---|---|",
@@ -288,6 +305,8 @@ def main(argv=None):
     parser.add_argument("--hso-steps", type=int, default=1)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: PyTorch's own choice, all cores)")
+    parser.add_argument("--layers", choices=["per_layer", "scan"], default="per_layer",
+                        help="JAX's weights and cache held per layer (default; mm.per_layer) or stacked and scanned")
     parser.add_argument("--tag", default=None, help="results file suffix (default: backend, + _quick)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -297,9 +316,10 @@ def main(argv=None):
     torch.manual_seed(0)
     info = machine()
     probe = bench_probe(128 if not args.quick else args.segment, 384 if not args.quick else args.cache, 1,
-                        args.probe_repeats)
+                        args.probe_repeats, args.layers)
     print(json.dumps(probe))
-    protocol = bench_protocol(args.tokens, args.segment, args.cache, args.lr, args.hso_steps, args.repeats)
+    protocol = bench_protocol(args.tokens, args.segment, args.cache, args.lr, args.hso_steps, args.repeats,
+                              args.layers)
     print(json.dumps(protocol))
     info["load_average_at_end"] = load_average()
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")

@@ -198,6 +198,29 @@ def test_lr0_equals_the_loop_without_update(family):
     assert hso.ppl != pytest.approx(without.ppl, rel=1e-4)
 
 
+@pytest.mark.parametrize("family,offsets,hso_steps", [("gpt2", False, 1), ("llama", True, 2)])
+def test_params_held_per_layer_run_the_same_loop(family, offsets, hso_steps):
+    """Per-layer params (`mm.per_layer`) keep the cache and its Adam moments per layer: same NLLs and states."""
+    params = _params(family)
+    layered, _ = mm.per_layer(params)
+    segments = lm_segments(_tokens(2, 41, seed=11), np.array([41, 33]), 8)  # evicts, with sinks
+    kwargs = {"cache_size": 12, "hso_steps": hso_steps, "offsets": offsets, "sink": 2}
+    hyper = HSOConfig(lr=3e-2).hyper()
+    nll, finite, state = run_segments(params, segments, hyper, **kwargs)
+    nll_layered, finite_layered, state_layered = run_segments(layered, segments, hyper, **kwargs)
+    assert len(state_layered.past[0]) == len(state_layered.adam.m[1]) == params.config.n_layers
+    np.testing.assert_allclose(np.asarray(nll_layered), np.asarray(nll), rtol=1e-5, atol=1e-5)
+    assert bool(np.all(finite_layered)) and bool(np.all(finite))
+    for i in range(2):  # keys, values
+        np.testing.assert_allclose(np.concatenate(state_layered.kv()[i]), np.asarray(state.kv()[i]),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.concatenate(state_layered.adam.v[i]), np.asarray(state.adam.v[i]),
+                                   rtol=1e-3, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(state_layered.adam.steps), np.asarray(state.adam.steps))
+    update_off = run_segments(layered, segments, hyper, update=False, **kwargs)[0]
+    assert np.abs(np.asarray(update_off) - np.asarray(nll))[2:].max() > 1e-3  # the update is on
+
+
 def test_offsets_equal_direct_updates():
     params = _params("llama")
     tokens = _tokens(2, 40, seed=4)
@@ -321,6 +344,31 @@ def test_cli_hso_json_and_errors(capsys, tiny_llama_dir, tmp_path):
     assert main(argv[:-1] + ["--lr", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: lr=-1.0") and err.count("\n") == 1
+
+
+def test_cli_holds_params_per_layer_for_long_texts(capsys, tiny_llama_dir, tmp_path, monkeypatch):
+    """Over 256 segments `makemost hso` converts the params once with `per_layer`; the numbers stay the API's."""
+    import makemost_jax.models
+    from makemost_jax.assets import read_sample
+    from makemost_jax.cli import PER_LAYER_HSO_SEGMENTS, main
+
+    calls = []
+    real = makemost_jax.models.per_layer
+    monkeypatch.setattr(makemost_jax.models, "per_layer", lambda params: calls.append(1) or real(params))
+    text = tmp_path / "book.txt"
+    text.write_text(read_sample("austen"))
+    n = 2 * PER_LAYER_HSO_SEGMENTS + 5
+    reports = {}
+    for tokens in (n, 41):
+        assert main(["hso", str(tiny_llama_dir), str(text), "--segment", "2", "--cache-size", "8", "--max-tokens",
+                     str(tokens), "--json"]) == 0
+        reports[tokens] = __import__("json").loads(capsys.readouterr().out)
+    assert len(calls) == 1  # the long text only
+    params, tok = mm.load(str(tiny_llama_dir)), mm.load_tokenizer(str(tiny_llama_dir))
+    ids = tok.encode_for_model(read_sample("austen"))[:n]
+    api = hso_nll(params, ids, HSOConfig(segment=2, cache_size=8))
+    assert reports[n]["hso"]["n_tokens"] == api.n_tokens == n - 1
+    assert reports[n]["hso"]["ppl"] == pytest.approx(api.ppl, rel=1e-5)
 
 
 def test_cli_defaults_are_the_library_defaults():
