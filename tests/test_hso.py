@@ -221,6 +221,18 @@ def test_params_held_per_layer_run_the_same_loop(family, offsets, hso_steps):
     assert np.abs(np.asarray(update_off) - np.asarray(nll))[2:].max() > 1e-3  # the update is on
 
 
+def test_params_held_per_layer_with_sliding_layers(tmp_path):
+    """Gemma 2 (sliding layers with a window shorter than the cache, soft-capping): the same NLLs per layer."""
+    from tiny_families import make
+
+    params = mm.load(str(make("gemma2", tmp_path / "gemma2")))
+    tokens = _tokens(2, 41, seed=12, vocab=params.config.vocab_size)
+    config = HSOConfig(segment=8, cache_size=16, lr=3e-2, sink=2)
+    stacked, layered = hso_nll(params, tokens, config), hso_nll(mm.per_layer(params)[0], tokens, config)
+    np.testing.assert_allclose(layered.nll, stacked.nll, rtol=1e-5, atol=1e-5)
+    assert np.abs(stacked.nll - hso_nll(params, tokens, config, update=False).nll).max() > 1e-3
+
+
 def test_offsets_equal_direct_updates():
     params = _params("llama")
     tokens = _tokens(2, 40, seed=4)
