@@ -57,7 +57,7 @@ from makemost_jax.hso.adam import (
     init_slot_adam,
     slot_adam_step,
 )
-from makemost_jax.models.cache import KV_AXES, KVCache, init_cache, split_layers
+from makemost_jax.models.cache import KV_AXES, KVCache, init_cache, into_layers, split_layers
 from makemost_jax.models.layers import accumulation_dtype, remat_layers
 from makemost_jax.models.model import forward, is_per_layer
 from makemost_jax.models.types import Params
@@ -270,11 +270,8 @@ def hso_segment_step(params: Params, state: HSOState, seg: Segments, hyper: Adam
 
     s = seg.inputs.shape[1]
     def append(olds, news):  # news: the segment's (L, ...) keys and values, into stacked or per-layer buffers
-        def into(old, new, axis):
-            if isinstance(old, tuple):
-                return tuple(append_slots(o, new[i:i + 1], state.fill, axis, keep_first=sink) for i, o in enumerate(old))
-            return append_slots(old, new, state.fill, axis, keep_first=sink)
-        return tuple(into(old, new, axis) for old, new, axis in zip(olds, news, SLOT_AXES))
+        return tuple(into_layers(lambda o, n, axis=axis: append_slots(o, n, state.fill, axis, keep_first=sink),
+                                 old, new) for old, new, axis in zip(olds, news, SLOT_AXES))
 
     if state.base is None:
         past, base = append(past, new_kv), None

@@ -280,6 +280,22 @@ def buffer_shape(buffer) -> tuple:
     return buffer.shape
 
 
+def into_layers(write, buffer, new_L):
+    """`write(buffer, new_L)` on a stacked (L, ...) buffer, or `write(buffer_i, new_L[i:i + 1])` on each
+    layer's own buffer of a per-layer one (`split_layers`): new entries for all L layers, either layout.
+
+    Example:
+        >>> add = lambda old, new: old + new
+        >>> into_layers(add, jnp.zeros((2, 3)), jnp.ones((2, 3))).shape
+        (2, 3)
+        >>> [b.tolist() for b in into_layers(add, (jnp.zeros((1, 2)),) * 2, jnp.arange(4.0).reshape(2, 2))]
+        [[[0.0, 1.0]], [[2.0, 3.0]]]
+    """
+    if not isinstance(buffer, tuple):
+        return write(buffer, new_L)
+    return tuple(write(b, new_L[i:i + 1]) for i, b in enumerate(buffer))
+
+
 def split_layers(cache):
     """`cache` with its key/value buffers (the encoded source's too) held per layer: tuples of L arrays
     (1, ...), each shaped like the stacked buffer with one layer, so every axis keeps its index.

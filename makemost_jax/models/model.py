@@ -35,7 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models.cache import KV_AXES, EncodedSource, KVCache, buffer_shape, init_cache, kv_shape, split_layers
+from makemost_jax.models.cache import (
+    KV_AXES,
+    EncodedSource,
+    KVCache,
+    buffer_shape,
+    init_cache,
+    into_layers,
+    kv_shape,
+    split_layers,
+)
 from makemost_jax.models.config import ModelConfig
 from makemost_jax.models.layers import (
     accumulation_dtype,
@@ -549,10 +558,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
 
             def write(name, old, new):  # into the stacked buffer, or into each layer's own
                 axis = KVCache.SLOT_AXES[name]
-                if not isinstance(old, tuple):
-                    return write_slots(old, runs(new, axis), cache.fill, axis, rolls)
-                return tuple(write_slots(o, runs(new[i:i + 1], axis), cache.fill, axis, rolls)
-                             for i, o in enumerate(old))
+                return into_layers(lambda o, n: write_slots(o, runs(n, axis), cache.fill, axis, rolls), old, new)
 
             k, v = write("k", cache.k, k_LBGKT), write("v", cache.v, v_LBGTK)
             own_BNT = jnp.arange(n)[None, :, None] == (jnp.arange(b) % n)[:, None, None]
