@@ -33,9 +33,7 @@ Writes benchmarks/results/decode_step_<tag>.json / .md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -46,7 +44,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_forward import SHAPES
-from common import command_line, machine, machine_line, report_row, write_results
+from common import command_line, machine, machine_line, matmul_times, median_ms, report_row, write_results
 
 from makemost_jax.decoding.sampling import decode_step, prefill
 from makemost_jax.models import from_hf_config, params_from_hf
@@ -55,17 +53,6 @@ from makemost_jax.models.model import per_layer
 CACHED = 48  # tokens in the cache when the step runs (prompt of 32 + 16 generated)
 SLOTS = 96  # the beam search's cache at 32 prompt + 64 new tokens
 LOOP = 16  # decode steps per timed call of JAX's loop
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: compiles; a second call compiles again if the first returned other input types
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def step_times(model, params, rows: int, repeats: int) -> dict:
@@ -97,38 +84,11 @@ def step_times(model, params, rows: int, repeats: int) -> dict:
     return {**jax_ms, "torch": median_ms(run_torch, repeats)}
 
 
-def matmul_times(hf_config, rows: int, repeats: int) -> list[dict]:
-    """ms of each matmul of one decode step (x the layers that run it), JAX and PyTorch, same inputs.
-
-    Each is timed as LOOP dependent products (the next input takes a scalar of the last output), JAX
-    inside one jitted loop as the searches run it: a jitted call per product would time JAX's
-    per-call dispatch (about 0.5-1 ms here) instead of its matmul.
-    """
+def step_matmuls(hf_config) -> list[tuple]:
+    """The dense matmuls of one decode step (per layer: QKV, attention output, MLP up and down; the head)."""
     d, f, v, layers = hf_config.n_embd, 4 * hf_config.n_embd, hf_config.vocab_size, hf_config.n_layer
-    shapes = [("QKV", d, 3 * d, layers), ("attention output", d, d, layers), ("MLP up", d, f, layers),
-              ("MLP down", f, d, layers), ("vocabulary", d, v, 1)]
-    rng = np.random.default_rng(0)
-
-    def chained(x, w):
-        return x + 1e-6 * (x @ w).mean()
-
-    jax_loop = jax.jit(lambda x, w: jax.lax.fori_loop(0, LOOP, lambda _, c: chained(c, w), x))
-
-    def torch_loop(x, w):
-        for _ in range(LOOP):
-            x = chained(x, w)
-        return x
-
-    out = []
-    for name, k, n, count in shapes:
-        x, w = rng.standard_normal((rows, k), np.float32), 0.02 * rng.standard_normal((k, n), np.float32)
-        xj, wj, xt, wt = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
-        with torch.inference_mode():
-            ms = {"jax": median_ms(lambda a=xj, b=wj: jax_loop(a, b).block_until_ready(), repeats) / LOOP,
-                  "torch": median_ms(lambda a=xt, b=wt: torch_loop(a, b), repeats) / LOOP}
-        out.append({"matmul": name, "shape": [rows, k, n], "count": count, "ms": ms,
-                    "gflop_per_s": {fw: 2 * rows * k * n / (t * 1e6) for fw, t in ms.items()}})
-    return out
+    return [("QKV", d, 3 * d, layers, "NN"), ("attention output", d, d, layers, "NN"), ("MLP up", d, f, layers, "NN"),
+            ("MLP down", f, d, layers, "NN"), ("vocabulary", d, v, 1, "NN")]
 
 
 def attention_layouts(hf_config, rows: int, repeats: int) -> dict:
@@ -197,7 +157,7 @@ def shared_scores(hf_config, repeats: int, prompts: int = 8, beams: int = 8, slo
 
 def bench(rows: int, model, params, hf_config, repeats: int) -> dict:
     steps = step_times(model, params, rows, repeats)
-    mats = matmul_times(hf_config, rows, 3 * repeats)
+    mats = matmul_times(step_matmuls(hf_config), rows, 3 * repeats, chain=LOOP)
     matmul_ms = {fw: sum(m["ms"][fw] * m["count"] for m in mats) for fw in ("jax", "torch")}
     return {"rows": rows, "step_ms": steps, "matmul_ms": matmul_ms,
             "other_ms": {fw: steps[fw] - matmul_ms[fw] for fw in matmul_ms},

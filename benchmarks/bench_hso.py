@@ -14,6 +14,10 @@ repeats, ratios printed last:
    the same file through `transformers`): tokens/s with the update on, with it off
    (lr=0 loop without gradients), the PyTorch reference's, the number of compilations
    the whole text cost, and the compiled loop's memory.
+3. the probe's dense matmuls alone (each layer's four linear maps and the tied vocabulary
+   projection, forward and the backward products the cache's gradient needs), each a plain
+   product in both frameworks on the same inputs: what is left of the probe's time when they
+   are taken out is everything else (attention, norms, softmax, the cache's gradient bookkeeping).
 
 `--layers per_layer` (the default) runs both with the weights and the cache held per layer
 (`mm.per_layer`, converted once before timing): the layers unrolled, no per-layer weight
@@ -23,7 +27,7 @@ under the layer scan (faster to compile).
 Results: `benchmarks/results/hso_<tag>.json` and `.md` with the machine described.
 
 Example:
-    python benchmarks/bench_hso.py            # ~5 min on 2 idle CPU cores (PyTorch slows badly on a busy machine:
+    python benchmarks/bench_hso.py            # ~8 min on 2 idle CPU cores (PyTorch slows badly on a busy machine:
                                               # then compare with --torch-threads 1)
     python benchmarks/bench_hso.py --quick    # ~2 min smoke run (tag <backend>_quick)
 """
@@ -50,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_forward import SHAPES
-from common import load_average, machine, memory_mib, report_row
+from common import load_average, machine, matmul_times, memory_mib, report_row
 from hso_torch_reference import hso_segment_nlls, probe_step, random_state
 
 import makemost_jax as mm
@@ -128,6 +132,30 @@ def bench_probe(segment: int, cache: int, batch: int, repeats: int, layers: str)
             "torch_attention": hf_config._attn_implementation}
 
 
+def probe_matmuls() -> list[tuple]:
+    """The dense matmuls of one probe step at the GPT-2-small shape (`matmul_times`' tuples).
+
+    Forward: `x @ w` with w stored (in, out) as the params keep it, the tied head `x @ E^T`. Backward,
+    only what the gradient w.r.t. the cache needs (no weight gradients): `dy @ w^T` per linear map, the
+    first layer's QKV excepted (nothing below it takes a gradient), and `dlogits @ E` for the head.
+    """
+    hf_config = SHAPES["gpt2-small"]()
+    d, v, layers = hf_config.n_embd, hf_config.vocab_size, hf_config.n_layer
+    maps = [("QKV", d, 3 * d), ("attention output", d, d), ("MLP up", d, 4 * d), ("MLP down", 4 * d, d)]
+    forward = [(f"{name}, forward", k, n, layers, "NN") for name, k, n in maps]
+    backward = [(f"{name}, backward", n, k, layers - (name == "QKV"), "NT") for name, k, n in maps]
+    return [*forward, ("vocabulary, forward", d, v, 1, "NT"), *backward, ("vocabulary, backward", v, d, 1, "NN")]
+
+
+def bench_matmuls(probe: dict, repeats: int) -> dict:
+    """The probe's dense matmuls alone, JAX vs PyTorch; the rest is the probe's time minus theirs."""
+    mats = matmul_times(probe_matmuls(), probe["batch"] * probe["segment"], repeats)
+    total = {fw: sum(m["ms"][fw] * m["count"] for m in mats) for fw in ("jax", "torch")}
+    step = {"jax": probe["jax_ms"], "torch": probe["torch_ms"]}
+    return {"matmuls": mats, "total_ms": total, "rest_ms": {fw: step[fw] - total[fw] for fw in total},
+            "speedup_vs_torch": total["torch"] / total["jax"]}
+
+
 # ---------------------------------------------------------------- 2. whole protocol
 
 
@@ -153,7 +181,7 @@ def segment_flops(params, cfg: HSOConfig, segments: Segments) -> dict:
         state = init_state(params, seg.inputs.shape[0], cfg.cache_size, cfg.offsets, update)
         step = functools.partial(hso_segment_step, hyper=cfg.hyper(), hso_steps=cfg.hso_steps, recompute=recompute,
                                  sink=cfg.sink)
-        return compiled_stats(step, params, state, seg)["flops"]
+        return compiled_stats(step, params, state, seg, memory=False)["flops"]
 
     out = {"lr0": flops(False, cfg.recompute), "hso": flops(True, cfg.recompute)}
     if cfg.recompute:
@@ -225,10 +253,12 @@ def bench_protocol(n_tokens: int, segment: int, cache: int, lr: float, hso_steps
 
 def report_rows(payload: dict) -> list[dict]:
     """Headline rows for docs/RESULTS.md: speed against the PyTorch reference and the cost of HSO."""
-    p, w = payload["probe"], payload["protocol"]
+    p, w, m = payload["probe"], payload["protocol"], payload.get("matmuls")
+    alone = (f"; its dense matmuls alone {m['speedup_vs_torch']:.2f}x, the rest {m['rest_ms']['jax']:.0f} vs "
+             f"{m['rest_ms']['torch']:.0f} ms") if m else ""
     return [report_row("HSO", f"cache-gradient probe speed-up vs PyTorch, {p['shape']}, segment {p['segment']}, "
                               f"cache {p['cache']}, layers {p.get('layers', 'scan')}",
-                       f"{p['speedup_median_pairwise']:.2f}x"),
+                       f"{p['speedup_median_pairwise']:.2f}x{alone}"),
             report_row("HSO", f"whole-text loop vs PyTorch, {w['model'].split(' ')[0]}, {w['n_tokens']} tokens",
                        f"HSO {w['speedup_hso_vs_torch']:.2f}x, lr=0 {w['speedup_lr0_vs_torch']:.2f}x; ppl JAX "
                        f"{w['ppl']['jax_hso']:.2f} / PyTorch {w['ppl']['torch_hso']:.2f}"),
@@ -239,9 +269,26 @@ def report_rows(payload: dict) -> list[dict]:
                        f"{w['jax_memory_mib']['no_update']['peak']} MiB")]
 
 
-def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: str) -> Path:
+def matmul_lines(m: dict, probe: dict) -> list[str]:
+    """The markdown section of the probe's matmuls alone."""
+    lines = ["## The probe's dense matmuls alone", "",
+             ("Each a plain product on the probe's rows, timed as 16 dependent products per call (JAX's in one jitted "
+              "loop), medians; ms each (GFLOP/s). NN: `x @ w`; NT: `x @ w.T` (w stored transposed)."), "",
+             "| matmul | (M, K, N) | layout | x per step | JAX | PyTorch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['matmul']} | {tuple(r['shape'])} | {r['layout']} | {r['count']} | {r['ms']['jax']:.2f} "
+              f"({r['gflop_per_s']['jax']:.0f}) | {r['ms']['torch']:.2f} ({r['gflop_per_s']['torch']:.0f}) |"
+              for r in m["matmuls"]]
+    t, rest = m["total_ms"], m["rest_ms"]
+    lines += ["", (f"Per probe step: the dense matmuls take {t['jax']:.0f} ms in JAX against {t['torch']:.0f} ms in "
+                   f"PyTorch ({m['speedup_vs_torch']:.2f}x); everything else (probe time minus them) "
+                   f"{rest['jax']:.0f} against {rest['torch']:.0f} ms. The probe itself: "
+                   f"{probe['speedup_median_pairwise']:.2f}x.")]
+    return lines
+
+
+def write_results(probe: dict, protocol: dict, matmuls: dict, info: dict, tag: str, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "command": command, "probe": probe, "protocol": protocol}
+    payload = {"machine": info, "command": command, "probe": probe, "protocol": protocol, "matmuls": matmuls}
     (RESULTS / f"hso_{tag}.json").write_text(json.dumps({**payload, "report": report_rows(payload)}, indent=2))
     p, w = probe, protocol
     tps, ppl = w["tokens_per_s"], w["ppl"]
@@ -286,7 +333,8 @@ def write_results(probe: dict, protocol: dict, info: dict, tag: str, command: st
         f"{w['first_call_seconds']['lr0']:.1f} s"),
         (f"- compiled loop memory (MiB): HSO peak {w['jax_memory_mib']['update']['peak']} (temporaries "
         f"{w['jax_memory_mib']['update']['temporaries']}), lr=0 peak {w['jax_memory_mib']['no_update']['peak']} "
-        f"(temporaries {w['jax_memory_mib']['no_update']['temporaries']})"),
+        f"(temporaries {w['jax_memory_mib']['no_update']['temporaries']})"), "",
+        *matmul_lines(matmuls, probe),
     ]
     path = RESULTS / f"hso_{tag}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -321,16 +369,19 @@ def main(argv=None):
     protocol = bench_protocol(args.tokens, args.segment, args.cache, args.lr, args.hso_steps, args.repeats,
                               args.layers)
     print(json.dumps(protocol))
+    matmuls = bench_matmuls(probe, 3 * args.probe_repeats)
     info["load_average_at_end"] = load_average()
     tag = args.tag or jax.default_backend() + ("_quick" if args.quick else "")
     command = "python benchmarks/bench_hso.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = write_results(probe, protocol, info, tag, command.strip())
+    path = write_results(probe, protocol, matmuls, info, tag, command.strip())
     print(f"wrote {path}")
     print(f"HSO cost per token vs lr=0 (JAX): {protocol['hso_cost_per_token_vs_lr0']:.2f}x (issue 19: <= 3x; "
           f"XLA FLOPs {protocol['segment_flops']['hso_vs_lr0']:.2f}x)")
     print(f"whole HSO loop: JAX / PyTorch speed-up {protocol['speedup_hso_vs_torch']:.2f}x")
     print(f"HSO probe (one value-and-gradient w.r.t. the cache): JAX {probe['jax_ms']:.0f} ms, PyTorch "
-          f"{probe['torch_ms']:.0f} ms, JAX / PyTorch speed-up {probe['speedup_median_pairwise']:.2f}x")
+          f"{probe['torch_ms']:.0f} ms, JAX / PyTorch speed-up {probe['speedup_median_pairwise']:.2f}x; its dense "
+          f"matmuls alone {matmuls['speedup_vs_torch']:.2f}x, the rest JAX {matmuls['rest_ms']['jax']:.0f} ms, "
+          f"PyTorch {matmuls['rest_ms']['torch']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,17 @@ Example:
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -178,3 +181,63 @@ def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | 
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown.rstrip() + "\n")
     return path
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median ms of `repeats` calls of `fn` after two warm-up calls (the first compiles; a second call
+    compiles again if the first returned other input types)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def matmul_times(shapes: list[tuple], rows: int, repeats: int, chain: int = 16) -> list[dict]:
+    """ms and GFLOP/s of each dense matmul of a step, JAX and PyTorch, same inputs, same threads.
+
+    `shapes`: (name, K, N, count, layout) with `layout` "NN" for `x @ w`, w stored (K, N), or "NT" for
+    `x @ w.T`, w stored (N, K) (a linear layer's backward, a tied head). `count`: how often the step runs it.
+    Each is timed as `chain` dependent products, JAX's inside one jitted loop (a jitted call per product
+    would time JAX's dispatch instead of its matmul). Each product's output is added, scaled down, into
+    part of the next input, elementwise: feeding it through a reduction (say its mean) lets XLA fuse the
+    product with the reduction into a kernel that runs on one thread, half the speed on two cores.
+    """
+    import torch  # only the scripts that compare with PyTorch call this
+
+    def product(x, w, layout):
+        return x @ (w.T if layout == "NT" else w)
+
+    def jax_feed(x, y):  # x (M, K), y (M, N)
+        k, n = x.shape[1], y.shape[1]
+        return x + 1e-6 * y[:, :k] if n >= k else x.at[:, :n].add(1e-6 * y)  # (in place in the loop)
+
+    @functools.partial(jax.jit, static_argnames="layout")
+    def jax_loop(x, w, layout):
+        return jax.lax.fori_loop(0, chain, lambda _, c: jax_feed(c, product(c, w, layout)), x)
+
+    def torch_loop(x, w, layout):
+        k = x.shape[1]
+        for _ in range(chain):
+            y = product(x, w, layout)
+            if y.shape[1] >= k:
+                x = x + 1e-6 * y[:, :k]
+            else:
+                x[:, :y.shape[1]] += 1e-6 * y
+        return x
+
+    rng = np.random.default_rng(0)
+    out = []
+    for name, k, n, count, layout in shapes:
+        x = rng.standard_normal((rows, k), np.float32)
+        w = 0.02 * rng.standard_normal((k, n) if layout == "NN" else (n, k), np.float32)
+        xj, wj, xt, wt = jax.numpy.asarray(x), jax.numpy.asarray(w), torch.tensor(x), torch.from_numpy(w)
+        with torch.inference_mode():
+            ms = {"jax": median_ms(lambda a=xj, b=wj, f=layout: jax_loop(a, b, f).block_until_ready(), repeats) / chain,
+                  "torch": median_ms(lambda a=xt, b=wt, f=layout: torch_loop(a, b, f), repeats) / chain}
+        out.append({"matmul": name, "shape": [rows, k, n], "layout": layout, "count": count, "ms": ms,
+                    "gflop_per_s": {fw: 2 * rows * k * n / (t * 1e6) for fw, t in ms.items()}})
+    return out

@@ -110,13 +110,14 @@ def hso_flops_per_token(params, config: HSOConfig, update: bool) -> float:
     state = init_state(params, 1, config.cache_size, config.offsets, update)
     step = functools.partial(hso_segment_step, hso_steps=config.hso_steps, recompute=config.recompute,
                              sink=config.sink)
-    return compiled_stats(step, params, state, seg, config.hyper())["flops"] / config.segment
+    return compiled_stats(step, params, state, seg, config.hyper(), memory=False)["flops"] / config.segment
 
 
 def window_flops(params, context: int) -> float:
     """FLOPs of one sliding window of `context` tokens (it scores `stride` of them)."""
     window = np.zeros((1, context), np.int32)
-    return compiled_stats(_window_nll_sums, params, window, window, np.ones((1, context), np.float32))["flops"]
+    return compiled_stats(_window_nll_sums, params, window, window, np.ones((1, context), np.float32),
+                          memory=False)["flops"]
 
 
 def equal_flops_stride(per_window: float, hso_flops: float, context: int) -> int:

@@ -165,7 +165,7 @@ def evaluate_sliding(lm: Params, documents: Sequence[Sequence[int]], window: int
                           sum(r.n_tokens for r in results), len(docs), time.perf_counter() - t0)
 
 
-def compiled_stats(fn, *args, flops: bool = True) -> dict:
+def compiled_stats(fn, *args, flops: bool = True, memory: bool = True) -> dict:
     """XLA's FLOPs and bytes for `jax.jit(fn)(*args)`, compiled but not run.
 
     The FLOPs are counted on the program traced with the model's layers unrolled (XLA counts
@@ -173,20 +173,24 @@ def compiled_stats(fn, *args, flops: bool = True) -> dict:
     of the program that runs. `peak_bytes` = arguments + temporaries + outputs - outputs
     aliased to inputs (the convention of benchmarks/bench_train_memory.py). `args` may be
     `ShapeDtypeStruct`s. `flops=False` skips the unrolled compilation (slow for deep
-    models) and reports only the bytes.
+    models) and reports only the bytes; `memory=False` skips the second compilation and
+    reports only the FLOPs (the bytes are None).
 
     Example:
-        >>> compiled_stats(lambda x: x @ x, jnp.ones((4, 4)))["flops"]
-        128.0
+        >>> compiled_stats(lambda x: x @ x, jnp.ones((4, 4)), memory=False)
+        {'flops': 128.0, 'argument_bytes': None, 'temp_bytes': None, 'output_bytes': None, 'peak_bytes': None}
     """
     cost = {}
     if flops:
         with unrolled_layers():  # a fresh function: jit's trace cache must not hand the unrolled program back later
             cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats = {"flops": float(cost.get("flops", 0.0)) if flops else None}
+    if not memory:
+        return {**stats, **dict.fromkeys(("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes"))}
     mem = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return {"flops": float(cost.get("flops", 0.0)) if flops else None, "argument_bytes": mem.argument_size_in_bytes,
-            "temp_bytes": mem.temp_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+    return {**stats, "argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes,
             "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                            - mem.alias_size_in_bytes)}
 
