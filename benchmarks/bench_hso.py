@@ -138,6 +138,8 @@ def probe_matmuls() -> list[tuple]:
     Forward: `x @ w` with w stored (in, out) as the params keep it, the tied head `x @ E^T`. Backward,
     only what the gradient w.r.t. the cache needs (no weight gradients): `dy @ w^T` per linear map, the
     first layer's QKV excepted (nothing below it takes a gradient), and `dlogits @ E` for the head.
+    QKV is timed fused, as Hugging Face's GPT-2 runs it; JAX's model runs three (768 x 768) products,
+    which took as long as the fused one here (one core: 3 x 1.17 against 3.68 ms).
     """
     hf_config = SHAPES["gpt2-small"]()
     d, v, layers = hf_config.n_embd, hf_config.vocab_size, hf_config.n_layer
