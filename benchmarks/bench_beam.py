@@ -43,7 +43,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -56,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_forward import SHAPES
-from common import load_average, machine, machine_line, memory_mib, report_row, write_results
+from common import load_average, machine, machine_line, memory_mib, report_row, timed, write_results
 
 import makemost_jax as mm
 from makemost_jax.decoding import beam
@@ -116,12 +115,6 @@ def _model(v: Variant, device: str):
     tensors = {k: t.float().cpu().numpy() for k, t in model.state_dict().items()}
     return model, params_from_hf(from_hf_config(hf_config.to_dict(), tensors), tensors), hf_config
 HEAD = "min-length:8"  # CBS: the attribute of the classifier head and of the filter
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def compiled_search(call):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, machine, machine_line, report_row, write_results
+from common import command_line, machine, machine_line, median_ms, report_row, write_results
 from real_modes import CHAT_PROMPTS, PLAIN_PROMPTS
 
 PROMPT = "The capital of France is"
@@ -52,13 +52,7 @@ def decode_rate(params, prompt_ids, batch: int, max_length: int, repeats: int) -
         params, prompts, jnp.ones_like(prompts), cache_size=prompts.shape[1] + max_length)
     step = jax.jit(decode_step)
     tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-    jax.block_until_ready(step(params, cache, tokens))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, cache, tokens))
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
+    seconds = median_ms(lambda: jax.block_until_ready(step(params, cache, tokens)), repeats, warmup=1) / 1e3
     return {"batch": batch, "seconds_per_step": seconds, "tokens_per_s": batch / seconds}
 
 

@@ -31,7 +31,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import command_line, machine, report_row
+from common import command_line, machine, median_ms, report_row
 
 from makemost_jax.models import forward, from_hf_config, params_from_hf
 
@@ -86,13 +86,7 @@ def matmul_rate(dtype, n: int = 8192, repeats: int = 10) -> float:
     """Measured FLOP/s of an n x n x n matmul in JAX on the default device."""
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / (median_ms(lambda: mm(a).block_until_ready(), repeats, warmup=1) / 1e3)
 
 
 def bench_shape(name: str, dtype: str, batch: int, length: int, repeats: int, device: str) -> dict:

@@ -41,7 +41,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -54,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_forward import SHAPES
-from common import load_average, machine, matmul_times, memory_mib, report_row
+from common import load_average, machine, matmul_times, memory_mib, report_row, timed
 from hso_torch_reference import hso_segment_nlls, probe_step, random_state
 
 import makemost_jax as mm
@@ -67,12 +66,6 @@ from makemost_jax.recurrence.evaluate import compiled_stats
 
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2 ** 20
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 # ---------------------------------------------------------------- 1. probe

@@ -183,17 +183,19 @@ def write_results(stem: str, payload: dict, markdown: str, report: list[dict] | 
     return path
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median ms of `repeats` calls of `fn` after two warm-up calls (the first compiles; a second call
+def timed(fn):
+    """(seconds, result) of one call of `fn`."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    """Median ms of `repeats` calls of `fn` after `warmup` calls (the first compiles; a second call
     compiles again if the first returned other input types)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    for _ in range(warmup):
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def matmul_times(shapes: list[tuple], rows: int, repeats: int, chain: int = 16) -> list[dict]:
