@@ -42,6 +42,15 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+# One XLA compilation cache for the whole run: this process, pytest-xdist's workers and the CLI and benchmark
+# subprocesses inherit the folder. Many tests compile the same program (the default model's forward, a
+# family's train step) from a fresh jitted function; a hit skips XLA's compile. A fresh folder per run,
+# removed at its end by the process that made it, so nothing carries over between runs.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="makemost_tests_xla_")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 VOCAB = 101  # deliberately not a power of two
 SPECIALS = ("<|endoftext|>", "<unk>")  # ids 0 and 1 in the test tokenizer
@@ -212,6 +221,13 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:
+        import shutil
+
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -230,10 +230,29 @@ def damage(step_dir: Path, how: str):
         os.truncate(biggest, biggest.stat().st_size // 2)
     elif how == "delete":
         biggest.unlink()
-    else:  # flip one byte: only the checksums notice this
-        data = bytearray(biggest.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        biggest.write_bytes(bytes(data))
+    else:  # flip one byte that Orbax reads back as a changed value without complaint: only the checksums see it
+        import orbax.checkpoint as ocp
+
+        def read():
+            return jax.tree.leaves(ocp.StandardCheckpointer().restore(step_dir / "state"))
+
+        # The arrays are stored compressed, and where each lies in the data files varies between runs: a flip
+        # can land where Orbax reports it itself, which is not what this case tests.
+        intact = read()
+        for path in sorted((f for f in files if f.parent.name == "d"), key=lambda f: -f.stat().st_size):
+            original = path.read_bytes()
+            for offset in range(len(original) // 2, len(original), 4099):
+                data = bytearray(original)
+                data[offset] ^= 0xFF
+                path.write_bytes(bytes(data))
+                try:
+                    changed = any(not np.array_equal(a, b) for a, b in zip(read(), intact))
+                except Exception:  # noqa: BLE001 - a read error: try the next byte
+                    changed = False
+                if changed:
+                    return
+                path.write_bytes(original)
+        raise AssertionError(f"no flipped byte in {step_dir} was read back as a changed value without an error")
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
