@@ -215,8 +215,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test module.
 
-    One pytest process (or each of `-n 2`'s two) runs many modules; without this, every module's executables (several real-model
-    programs among them) stay resident to the end, and a late XLA compilation crashed the process once.
+    One pytest process (or each of `-n 2`'s two) runs many modules; without this, every module's executables
+    (several real-model programs among them) stay resident to the end, and a late XLA compilation crashed the
+    process once.
     """
     yield
     jax.clear_caches()
