@@ -236,8 +236,8 @@ def damage(step_dir: Path, how: str):
         def read():
             return jax.tree.leaves(ocp.StandardCheckpointer().restore(step_dir / "state"))
 
-        # The arrays are stored compressed, and where each lies in the data files varies between runs: a flip
-        # can land where Orbax reports it itself, which is not what this case tests.
+        # The arrays are stored compressed, so a fixed byte (once the middle of the biggest file) can land where
+        # Orbax reports the damage itself (seen once, in a parallel run), which is not what this case tests.
         intact = read()
         for path in sorted((f for f in files if f.parent.name == "d"), key=lambda f: -f.stat().st_size):
             original = path.read_bytes()
