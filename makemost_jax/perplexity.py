@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models import forward
+from makemost_jax.models import forward, head_nll
 from makemost_jax.models.types import Params
 
 DEFAULT_MAX_CONTEXT = 1024
@@ -155,12 +155,12 @@ def plan_windows(n_tokens: int, context: int, stride: int) -> WindowPlan:
 
 
 def _window_nll_sums(params: Params, inputs_BT, targets_BT, weights_BT):
-    """Sum over each row of -log p(target) * weight, in float32."""
-    logits_BTV = forward(params, inputs_BT).logits.astype(jnp.float32)
-    # logsumexp minus the target logit: avoids materialising a second (B, T, V) array
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
-    return jnp.sum(nll_BT * weights_BT, axis=1)
+    """Sum over each row of -log p(target) * weight, in float32 (float64 for float64 models).
+
+    The head is read in vocabulary chunks (`head_nll`): no (B, T, V) logits are held.
+    """
+    states_BTD = forward(params, inputs_BT, states_only=True).states
+    return jnp.sum(head_nll(params.config, params.weights, states_BTD, targets_BT) * weights_BT, axis=1)
 
 
 # One compiled program per (params structure, batch, length); reused across texts.

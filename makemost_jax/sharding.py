@@ -112,6 +112,17 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
         _ACTIVE_RULES.reset(token)
 
 
+def is_active() -> bool:
+    """Whether a trace runs under `activate` (a mesh with the library's axes is set).
+
+    Example:
+        >>> is_active()
+        False
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
 def constrain(x, axes: Sequence[str | None]):
     """`with_sharding_constraint` by logical axes under `activate`; a no-op otherwise.
 
@@ -119,10 +130,10 @@ def constrain(x, axes: Sequence[str | None]):
         >>> constrain(jnp.ones((2, 3)), ("batch", None)).shape  # doctest: +SKIP
         (2, 3)
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    if not is_active():
         return x
-    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh, _ACTIVE_RULES.get()))
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, jax.sharding.get_abstract_mesh(),
+                                                              _ACTIVE_RULES.get()))
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence | None = None) -> Mesh:

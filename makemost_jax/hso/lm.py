@@ -58,8 +58,8 @@ from makemost_jax.hso.adam import (
     slot_adam_step,
 )
 from makemost_jax.models.cache import KV_AXES, KVCache, init_cache, into_layers, split_layers
-from makemost_jax.models.layers import accumulation_dtype, remat_layers
-from makemost_jax.models.model import forward, is_per_layer
+from makemost_jax.models.layers import remat_layers
+from makemost_jax.models.model import forward, head_nll, is_per_layer
 from makemost_jax.models.types import Params
 from makemost_jax.sharding import constrain
 
@@ -234,10 +234,10 @@ def segment_nll(params: Params, kv: tuple, state: HSOState, seg: Segments):
     cache = dataclasses.replace(state.cache(_absolute(params)), k=kv[0], v=kv[1])
     positions_BS = segment_positions(params, state, seg)
     with remat_layers(GRADIENT_REMAT):  # (no effect on a call that is not differentiated)
-        out = forward(params, seg.inputs, cache=cache, positions=positions_BS, mask=seg.mask, write_cache=False)
-    logits_BSV = out.logits.astype(accumulation_dtype(out.logits.dtype))
-    target_logit_BS = jnp.take_along_axis(logits_BSV, seg.targets[..., None], axis=-1)[..., 0]
-    nll_B = jnp.sum((jax.nn.logsumexp(logits_BSV, axis=-1) - target_logit_BS) * seg.weights, axis=1)
+        out = forward(params, seg.inputs, cache=cache, positions=positions_BS, mask=seg.mask, write_cache=False,
+                      states_only=True)
+    nll_BS = head_nll(params.config, params.weights, out.states, seg.targets)
+    nll_B = jnp.sum(nll_BS * seg.weights, axis=1)
     return nll_B.sum(), (nll_B, (out.cache.k, out.cache.v))
 
 

@@ -61,7 +61,9 @@ from makemost_jax.models.layers import (
 )
 from makemost_jax.models.registry import family_for
 from makemost_jax.models.types import ModelOutput, Params
+from makemost_jax.models.vocab_nll import token_nll
 from makemost_jax.sharding import constrain
+from makemost_jax.sharding import is_active as sharding_active
 
 
 def _normal(key, shape, dtype, std=0.02):
@@ -261,6 +263,40 @@ def final_states(cfg: ModelConfig, weights: dict, x_BTD):
     return x_BTD
 
 
+def _projection_input(cfg: ModelConfig, weights: dict, x_BTD):
+    """(what an LM head's vocabulary projection reads, the final states)."""
+    final_BTD = final_states(cfg, weights, x_BTD)
+    y = final_BTD @ weights["project_out"]["kernel"] if cfg.embed.project_dim else final_BTD
+    if cfg.head.input_scale != 1.0:  # T5's tied head
+        y = y * jnp.asarray(cfg.head.input_scale, y.dtype)
+    return y, final_BTD
+
+
+def head_nll(cfg: ModelConfig, weights: dict, x_BTD, targets_BT):
+    """NLL (B, T) of `targets_BT` under an LM head at `x_BTD` (the last block's output), in the accumulation dtype.
+
+    Equal to `-token_logprobs(head(cfg, weights, x_BTD)[0], targets_BT)` without holding the
+    (B, T, V) logits: the vocabulary is read in chunks (`models.vocab_nll`), and a gradient
+    with respect to the states is formed in the same pass, which is what makes HSO's step
+    faster. Under `sharding.activate` the vocabulary may be split over devices, and the plain
+    head keeps the layout the partitioner expects.
+
+    Example:
+        >>> # nll_BT = head_nll(cfg, weights, forward(params, tokens_BT, states_only=True).states, targets_BT)
+    """
+    if cfg.head.kind != "lm":
+        raise ConfigError(f"head_nll needs a language-model head; {cfg.hf_model_type or cfg.family} has "
+                          f"'{cfg.head.kind}'")
+    if sharding_active():
+        return -token_logprobs(head(cfg, weights, x_BTD)[0], targets_BT)
+    y_BTE, _ = _projection_input(cfg, weights, x_BTD)
+    h = cfg.head
+    table = weights["embed"]["tokens"] if h.tied else weights["lm_head"]["kernel"]
+    nll_N = token_nll(y_BTE.reshape(-1, y_BTE.shape[-1]), table, weights["logits_bias"] if h.logits_bias else None,
+                      targets_BT.reshape(-1), h.tied, h.softcap)
+    return nll_N.reshape(targets_BT.shape)
+
+
 def head(cfg: ModelConfig, weights: dict, x_BTD):
     """The output layer; returns (float32 logits or None, final states).
 
@@ -277,10 +313,7 @@ def head(cfg: ModelConfig, weights: dict, x_BTD):
         logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"],
                             preferred_element_type=wide) + m["bias"]
         return logits, x_BTD
-    x_BTD = final_states(cfg, weights, x_BTD)
-    y = x_BTD @ weights["project_out"]["kernel"] if cfg.embed.project_dim else x_BTD
-    if h.input_scale != 1.0:  # T5's tied head
-        y = y * jnp.asarray(h.input_scale, y.dtype)
+    y, x_BTD = _projection_input(cfg, weights, x_BTD)
     if h.tied:
         logits = jnp.einsum("btd,vd->btv", y, weights["embed"]["tokens"], preferred_element_type=wide)
     else:
@@ -451,7 +484,7 @@ def _resolve_source(params: Params, cache, source, encoder_tokens, encoder_mask)
 def forward(params: Params, tokens, cache: KVCache | None = None, positions=None, mask=None,
             token_types=None, return_hidden: bool = False, extra_kv=None, encoder_tokens=None,
             encoder_mask=None, source: EncodedSource | None = None, logits_at=None,
-            write_cache: bool = True) -> ModelOutput:
+            write_cache: bool = True, states_only: bool = False) -> ModelOutput:
     """Run the model on `tokens` (B, T); a pure function of its arguments.
 
     Decoders write the new tokens' keys/values into `cache` at slots fill, fill+1, ...
@@ -481,7 +514,9 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     `logits_at`, optional, computes the output layer only where it is needed: an index
     into T per row (B,) or one for all rows (e.g. -1, the last), giving logits (B, 1, V).
     The vocabulary projection is the largest matmul of small models; a search that reads
-    one position should not pay for T.
+    one position should not pay for T. `states_only=True` skips the output layer and returns
+    the last block's output as `states` (`logits` None), for a caller that applies the head
+    itself (`head_nll`).
 
     Encoder-decoders: `tokens` are the decoder's. The source is given once, as
     `encoder_tokens` (B, S) with `encoder_mask` (right-padded), or as an `EncodedSource`
@@ -581,6 +616,10 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, return_hidden=return_hidden,
                                          extra_kv=extra_kv, source_kv=source_kv)
         new_cache = None
+    if states_only:
+        if return_hidden or logits_at is not None:
+            raise InputError("states_only returns neither logits nor hidden states; drop logits_at and return_hidden")
+        return ModelOutput(logits=None, cache=new_cache, hidden=None, states=x_BTD)
     if logits_at is None:
         logits, final_BTD = head(cfg, weights, x_BTD)
     else:

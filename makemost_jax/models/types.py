@@ -48,3 +48,4 @@ class ModelOutput:
     logits: jax.Array | None  # (B, T, V); None for an encoder without an MLM head
     cache: KVCache | None  # None for encoders
     hidden: jax.Array | None  # (L+1, B, T, D) when asked for: embeddings, then each layer
+    states: jax.Array | None = None  # (B, T, D) the last block's output, with `states_only` (no head run)

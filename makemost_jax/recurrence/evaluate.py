@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models import forward, token_logprobs
-from makemost_jax.models.layers import unrolled_layers
+from makemost_jax.models.layers import unrolled_loops
 from makemost_jax.models.types import Params
 from makemost_jax.perplexity import NllTotals, perplexity
 from makemost_jax.recurrence.model import check_window, run_windows, window_step
@@ -182,7 +182,7 @@ def compiled_stats(fn, *args, flops: bool = True, memory: bool = True) -> dict:
     """
     cost = {}
     if flops:
-        with unrolled_layers():  # a fresh function: jit's trace cache must not hand the unrolled program back later
+        with unrolled_loops():  # a fresh function: jit's trace cache must not hand the unrolled program back later
             cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     stats = {"flops": float(cost.get("flops", 0.0)) if flops else None}
