@@ -9,10 +9,11 @@ does over keys), and a differentiated call forms `dNLL/dy = E_p[g W] - g_t W_t` 
 pass (`g` the softcap's derivative, 1 without one): no (N, V) array is ever held.
 
 Why: the vocabulary's backward product is the slowest dense product of the HSO step on
-CPU (XLA's kernel runs a long reduction over V onto the width at about 60% of the forward
-product's rate). For 128 positions on this 2-core CPU, the value and gradient of the NLL
-take 127 ms plainly against 89 ms here at SmolLM2-135M's head (49152 x 576), and 152
-against 114 ms at GPT-2's (50257 x 768); the value alone takes the same time either way.
+CPU: XLA's kernel runs that long reduction over V at about 70% of the forward product's
+rate (167 against 237 GFLOP/s at GPT-2's head on 2 cores, `benchmarks/results/hso_cpu.md`).
+For 128 positions on this 2-core CPU, the value and gradient of the NLL take 127 ms plainly
+against 89 ms here at SmolLM2-135M's head (49152 x 576), and 152 against 114 ms at GPT-2's
+(50257 x 768); the value alone takes the same time either way.
 
 Gradients with respect to the table and the bias are exact too (recomputed chunk by chunk
 in the backward pass); XLA drops that work when nothing asks for them, as in HSO, where
@@ -38,8 +39,8 @@ import jax.numpy as jnp
 
 from makemost_jax.models.layers import accumulation_dtype, loops_unrolled
 
-# Tokens per chunk: 4096 rows of a 576-768 wide float32 table are 9-12 MiB, which stay in cache between
-# the chunk's two products; 2048 and 8192 measured the same within noise.
+# Tokens per chunk: 2048, 4096 and 8192 measured the same within noise (value and gradient at SmolLM2's and
+# GPT-2's heads, 2 CPU cores); a chunk of a 576-768 wide float32 table is then 9-12 MiB.
 CHUNK = 4096
 
 
