@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny_families import CONFIGS
 
-from makemost_jax.errors import InputError
+from makemost_jax.errors import ConfigError, InputError
 from makemost_jax.models import from_hf_config, init_params, vocab_nll
 from makemost_jax.models.model import forward, head, head_nll, token_logprobs
 from makemost_jax.recurrence.evaluate import compiled_stats
@@ -101,3 +101,11 @@ def test_states_only_refuses_what_it_cannot_return():
     assert out.logits is None and out.states.shape == (2, 5, 16)
     with pytest.raises(InputError, match="states_only"):
         forward(params, TARGETS, states_only=True, logits_at=-1)
+
+
+def test_head_nll_refuses_a_model_without_a_language_model_head():
+    cfg = from_hf_config({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "intermediate_size": 32, "vocab_size": 50, "max_position_embeddings": 16})
+    weights = init_params(cfg, jax.random.key(0)).weights
+    with pytest.raises(ConfigError, match="head_nll needs a language-model head; bert has 'mlm'"):
+        head_nll(cfg, weights, jnp.ones((1, 2, 16)), jnp.zeros((1, 2), jnp.int32))

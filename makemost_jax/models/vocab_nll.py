@@ -60,9 +60,14 @@ def _over_vocab(vocab: int, fn, carry):
     return fn(carry, full * CHUNK, rest) if rest else carry
 
 
+def _vocab_axis(tied: bool) -> int:
+    """The table's vocabulary axis: (V, D) tied to the embedding, (D, V) an untied head's kernel."""
+    return 0 if tied else 1
+
+
 def _rows(table, start, size: int, tied: bool):
     """The table's weights of tokens [start, start + size): (C, D) tied, (D, C) untied."""
-    return jax.lax.dynamic_slice_in_dim(table, start, size, 0 if tied else 1)
+    return jax.lax.dynamic_slice_in_dim(table, start, size, _vocab_axis(tied))
 
 
 def _capped(raw, softcap):
@@ -115,7 +120,7 @@ def _forward(y_ND, table, bias_V, targets_N, tied: bool, softcap, with_grad: boo
         return new_max_N, sum_N, acc_ND
 
     init = (jnp.full((n,), -jnp.inf, wide), jnp.zeros((n,), wide), jnp.zeros((n, d) if with_grad else (), wide))
-    max_N, sum_N, acc_ND = _over_vocab(table.shape[0 if tied else 1], chunk, init)
+    max_N, sum_N, acc_ND = _over_vocab(table.shape[_vocab_axis(tied)], chunk, init)
     lse_N = max_N + jnp.log(sum_N)
     c_t, g_t, w_t = _target_rows(y_ND, table, bias_V, targets_N, tied, softcap)
     if not with_grad:
@@ -156,12 +161,12 @@ def _token_nll_bwd(tied, softcap, residuals, ct_N):
         d_NC = (jnp.exp(c_NC - lse_N[:, None]) - onehot_NC) * ct_N[:, None]
         d_NC = d_NC if g_NC is None else d_NC * g_NC
         d_w = jnp.einsum("nc,nd->cd" if tied else "nc,nd->dc", d_NC, y_ND.astype(wide)).astype(table.dtype)
-        d_table = jax.lax.dynamic_update_slice_in_dim(d_table, d_w, start, 0 if tied else 1)
+        d_table = jax.lax.dynamic_update_slice_in_dim(d_table, d_w, start, _vocab_axis(tied))
         if d_bias is not None:
             d_bias = jax.lax.dynamic_update_slice_in_dim(d_bias, d_NC.sum(0).astype(d_bias.dtype), start, 0)
         return d_table, d_bias
 
-    d_table, d_bias = _over_vocab(table.shape[0 if tied else 1], chunk,
+    d_table, d_bias = _over_vocab(table.shape[_vocab_axis(tied)], chunk,
                                   (jnp.zeros_like(table), None if bias_V is None else jnp.zeros_like(bias_V)))
     return (ct_N[:, None] * dy_ND).astype(y_ND.dtype), d_table, d_bias, None
 

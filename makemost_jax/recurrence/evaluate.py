@@ -168,8 +168,9 @@ def evaluate_sliding(lm: Params, documents: Sequence[Sequence[int]], window: int
 def compiled_stats(fn, *args, flops: bool = True, memory: bool = True) -> dict:
     """XLA's FLOPs and bytes for `jax.jit(fn)(*args)`, compiled but not run.
 
-    The FLOPs are counted on the program traced with the model's layers unrolled (XLA counts
-    a loop's body once, so the scanned program would count one layer); the bytes are those
+    The FLOPs are counted on the program traced with the model's loops unrolled, its layers and
+    the output layer's vocabulary chunks (XLA counts a loop's body once, so the looped program
+    would count one layer and one chunk); the bytes are those
     of the program that runs. `peak_bytes` = arguments + temporaries + outputs - outputs
     aliased to inputs (the convention of benchmarks/bench_train_memory.py). `args` may be
     `ShapeDtypeStruct`s. `flops=False` skips the unrolled compilation (slow for deep
