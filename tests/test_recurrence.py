@@ -18,6 +18,7 @@ from makemost_jax.assets import read_sample
 from makemost_jax.cli import main
 from makemost_jax.data import DocumentContiguousBatches
 from makemost_jax.errors import CheckpointError, ConfigError, InputError
+from makemost_jax.models import vocab_nll
 from makemost_jax.perplexity import perplexity
 from makemost_jax.recurrence import (
     RecurrenceConfig,
@@ -224,6 +225,25 @@ def test_loss_without_memory_is_the_lm_on_disjoint_windows():
     assert float(metrics["tokens"]) == 88.0
     grads = jax.grad(lambda p: recurrence_loss(window=16)(p, batch)[0])({"lm": lm})
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0.0
+
+
+def test_chunked_head_equals_the_plain_head_in_value_and_gradients(monkeypatch):
+    """run_windows' NLL through `head_nll` (six chunks of 16 and a rest here) equals the plain head's, and so
+    do the gradients w.r.t. the module and every LM weight (the output layer's too, for finetuning)."""
+    monkeypatch.setattr(vocab_nll, "CHUNK", 16)
+    lm = tiny_lm("gpt2")
+    module = perturbed(init_memory_module(RecurrenceConfig(num_memory=2, read_layer=3, inject_layer=1), lm.config,
+                                          jax.random.key(2)))
+    x, y = tokens((2, 3, 16)), tokens((2, 3, 16), seed=1)
+
+    def loss(p, chunked_head):
+        return run_windows(p["memory"], p["lm"], x, targets_BNW=y, chunked_head=chunked_head)[1].mean()
+
+    params = {"memory": module, "lm": lm}
+    (chunked, g_chunked), (plain, g_plain) = (jax.value_and_grad(loss)(params, c) for c in (True, False))
+    np.testing.assert_allclose(float(chunked), float(plain), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
 def test_sharded_training_step_equals_one_device():

@@ -95,11 +95,13 @@ def test_flop_count_sees_every_chunk():
     assert 0.95 * plain < chunked < 1.3 * plain, (chunked, plain)
 
 
-def test_states_only_refuses_what_it_cannot_return():
+def test_states_only_returns_the_states_and_the_hidden_layers_and_refuses_logits_at():
     params = init_params(from_hf_config(GPT2), jax.random.key(0))
-    out = forward(params, TARGETS, states_only=True)
+    out = forward(params, TARGETS, states_only=True, return_hidden=True)
+    full = forward(params, TARGETS, return_hidden=True)
     assert out.logits is None and out.states.shape == (2, 5, 16)
-    with pytest.raises(InputError, match="states_only"):
+    np.testing.assert_array_equal(np.asarray(out.hidden), np.asarray(full.hidden))  # the last: after the final norm
+    with pytest.raises(InputError, match="states_only returns no logits; drop logits_at"):
         forward(params, TARGETS, states_only=True, logits_at=-1)
 
 

@@ -516,7 +516,7 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
     The vocabulary projection is the largest matmul of small models; a search that reads
     one position should not pay for T. `states_only=True` skips the output layer and returns
     the last block's output as `states` (`logits` None), for a caller that applies the head
-    itself (`head_nll`).
+    itself (`head_nll`); `return_hidden` still returns every layer's states.
 
     Encoder-decoders: `tokens` are the decoder's. The source is given once, as
     `encoder_tokens` (B, S) with `encoder_mask` (right-padded), or as an `EncodedSource`
@@ -616,21 +616,21 @@ def forward(params: Params, tokens, cache: KVCache | None = None, positions=None
         x_BTD, _, _, hidden = run_blocks(cfg, weights["layers"], x0_BTD, ctx, return_hidden=return_hidden,
                                          extra_kv=extra_kv, source_kv=source_kv)
         new_cache = None
+    logits = final_BTD = None
     if states_only:
-        if return_hidden or logits_at is not None:
-            raise InputError("states_only returns neither logits nor hidden states; drop logits_at and return_hidden")
-        return ModelOutput(logits=None, cache=new_cache, hidden=None, states=x_BTD)
-    if logits_at is None:
+        if logits_at is not None:
+            raise InputError("states_only returns no logits; drop logits_at")
+    elif logits_at is None:
         logits, final_BTD = head(cfg, weights, x_BTD)
     else:
         at_B = jnp.broadcast_to(jnp.asarray(logits_at, jnp.int32) % x_BTD.shape[1], (b,))
         logits, _ = head(cfg, weights, jnp.take_along_axis(x_BTD, at_B[:, None, None], axis=1))
-        final_BTD = final_states(cfg, weights, x_BTD) if return_hidden else None
     if logits is not None:
         logits = constrain(logits, ("batch", "length", "vocab"))
     if return_hidden:
+        final_BTD = final_states(cfg, weights, x_BTD) if final_BTD is None else final_BTD
         hidden = jnp.concatenate([x0_BTD[None], hidden[:-1], final_BTD[None]], axis=0)
-    return ModelOutput(logits=logits, cache=new_cache, hidden=hidden)
+    return ModelOutput(logits=logits, cache=new_cache, hidden=hidden, states=x_BTD if states_only else None)
 
 
 def per_layer(params: Params, cache: KVCache | None = None) -> tuple[Params, KVCache | None]:

@@ -37,7 +37,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models import forward, token_logprobs
 from makemost_jax.models.layers import unrolled_loops
 from makemost_jax.models.types import Params
 from makemost_jax.perplexity import NllTotals, perplexity
@@ -210,12 +209,9 @@ def window_costs(lm: Params, window: int, module: MemoryParams | None = None, st
     stride = window if stride is None else stride
     tokens = jax.ShapeDtypeStruct((batch, window), jnp.int32)
 
-    def score(module, lm, memory, tokens_BW):
-        if module is None:
-            logits = forward(lm, tokens_BW).logits
-        else:
-            memory, logits = window_step(module, lm, memory, tokens_BW)
-        return memory, -token_logprobs(logits, tokens_BW).sum()
+    def score(module, lm, memory, tokens_BW):  # as `evaluate_windows` scores: the NLL through the chunked head
+        memory, nll_BW = window_step(module, lm, memory, tokens_BW, targets_BW=tokens_BW)
+        return memory, nll_BW.sum()
 
     memory = None if module is None else jax.eval_shape(lambda: initial_memory(module, batch))
     stats = compiled_stats(score, module, lm, memory, tokens)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from makemost_jax.errors import ConfigError, InputError
-from makemost_jax.models import forward, token_logprobs
+from makemost_jax.models import forward, head_nll, token_logprobs
 from makemost_jax.models.types import Params
 from makemost_jax.recurrence.module import MemoryParams, initial_memory, memory_kv, update_memory
 
@@ -55,30 +55,42 @@ def _check_module(module: MemoryParams | None, lm: Params):
                           f"layers, width {ours.d_model}); train a module for this model")
 
 
-def window_step(module: MemoryParams | None, lm: Params, memory_BMD, tokens_BW, mask_BW=None):
-    """One window: `(next memory, logits (B, W, V))`. With `module=None`: the plain LM, memory None.
+def window_step(module: MemoryParams | None, lm: Params, memory_BMD, tokens_BW, mask_BW=None, targets_BW=None,
+                chunked_head: bool = True):
+    """One window: `(next memory, logits (B, W, V))`, or with `targets_BW` `(next memory, NLL (B, W))`.
 
-    `mask_BW` marks real tokens; the padding after a document's end is not pooled into
-    the memory (right padding, so the causal LM never reads it either).
+    With `module=None`: the plain LM, memory None. `mask_BW` marks real tokens; the padding
+    after a document's end is not pooled into the memory (right padding, so the causal LM
+    never reads it either). With targets the NLL comes from `head_nll`, which reads the
+    vocabulary in chunks and never holds the (B, W, V) logits; `chunked_head=False` takes
+    the plain head instead, whose weight gradient costs one vocabulary product less (for
+    an LM whose output layer is trained too).
 
     Example:
         >>> # memory_BMD, logits_BWV = window_step(module, lm, memory_BMD, tokens_BW, mask_BW)
+        >>> # memory_BMD, nll_BW = window_step(module, lm, memory_BMD, tokens_BW, mask_BW, targets_BW)
     """
+    chunked = targets_BW is not None and chunked_head
+    out = forward(lm, tokens_BW, extra_kv=None if module is None else memory_kv(module, memory_BMD),
+                  return_hidden=module is not None, states_only=chunked)
+    if chunked:
+        outputs = head_nll(lm.config, lm.weights, out.states, targets_BW)
+    else:
+        outputs = out.logits if targets_BW is None else -token_logprobs(out.logits, targets_BW)
     if module is None:
-        return None, forward(lm, tokens_BW).logits
-    out = forward(lm, tokens_BW, extra_kv=memory_kv(module, memory_BMD), return_hidden=True)
+        return None, outputs
     mask_BW = jnp.ones(tokens_BW.shape, bool) if mask_BW is None else mask_BW
-    return update_memory(module, memory_BMD, out.hidden[module.config.read_layer], mask_BW), out.logits
+    return update_memory(module, memory_BMD, out.hidden[module.config.read_layer], mask_BW), outputs
 
 
 def run_windows(module: MemoryParams | None, lm: Params, tokens_BNW, mask_BNW=None, targets_BNW=None,
-                memory_BMD=None, remat: bool = False):
+                memory_BMD=None, remat: bool = False, chunked_head: bool = True):
     """Scan `window_step` over the N windows; returns `(final memory, outputs)`.
 
     Outputs are the logits (B, N, W, V), or with `targets_BNW` each target's negative
-    log-likelihood (B, N, W) (then no window's logits outlive its step, which is what
-    training wants). `memory_BMD` defaults to the module's initial memory. `remat`
-    wraps each window in `jax.checkpoint`.
+    log-likelihood (B, N, W) (then no logits outlive their window, which is what
+    training wants; `chunked_head` as in `window_step`). `memory_BMD` defaults to the
+    module's initial memory. `remat` wraps each window in `jax.checkpoint`.
 
     Example:
         >>> # memory_BMD, nll_BNW = run_windows(module, lm, inputs_BNW, mask_BNW, targets_BNW, remat=True)
@@ -95,10 +107,7 @@ def run_windows(module: MemoryParams | None, lm: Params, tokens_BNW, mask_BNW=No
 
     def step(memory_BMD, window):
         tokens_BW, mask_BW, targets_BW = window
-        memory_BMD, logits_BWV = window_step(module, lm, memory_BMD, tokens_BW, mask_BW)
-        if targets_BW is None:
-            return memory_BMD, logits_BWV
-        return memory_BMD, -token_logprobs(logits_BWV, targets_BW)
+        return window_step(module, lm, memory_BMD, tokens_BW, mask_BW, targets_BW, chunked_head)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)  # prevent_cse is not needed under scan
@@ -154,7 +163,8 @@ def recurrence_loss(window: int, remat: bool = True):
             raise ConfigError("recurrence_loss needs the LM: pass it as frozen=lm, or put it in the trainable "
                               'params as {"memory": module, "lm": lm} (or {"lm": lm} alone) to finetune it')
         inputs, targets, mask = split_sequence(batch, window)
-        _, nll_BNW = run_windows(module, lm, inputs, mask > 0, targets, remat=remat)
+        # A trained LM (frozen None) needs the output layer's gradient: the plain head costs one product less.
+        _, nll_BNW = run_windows(module, lm, inputs, mask > 0, targets, remat=remat, chunked_head=frozen is not None)
         count = mask.sum()
         return (nll_BNW * mask).sum() / jnp.maximum(count, 1.0), {"tokens": count}
 
